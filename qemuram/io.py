@@ -1,0 +1,91 @@
+"""Thin adapters around the sans-I/O Decoder: files, pipes, sockets.
+
+A seekable source gets its vmdesc read ahead from the tail (so device
+sections are measured as they arrive); a pipe buffers the small device-state
+tail instead.  Reads go through one preallocated buffer with ``readinto``.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO, Iterator, Optional
+
+from . import vmstate
+from .errors import StreamError, TruncatedStream
+from .framing import NEED_DATA, Decoder, find_vmdesc, parse_vmdesc_at
+from .wire import MAX_VMDESC
+
+CHUNK = 8 << 20
+
+
+def is_seekable(f) -> bool:
+    try:
+        return f.seekable() and f.seek(0, io.SEEK_CUR) is not None
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def read_vmdesc_ahead(f: BinaryIO, start: int = 0) -> Optional[dict]:
+    """The JSON trailer of a seekable stream, or None when there is none.
+
+    The marker must be the last 0x06 byte of the file (JSON text holds none),
+    so the window only grows while no 0x06 has been seen at all.
+    """
+    pos = f.tell()
+    try:
+        end = f.seek(0, io.SEEK_END)
+        window = 1 << 16
+        while True:
+            lo = max(start, end - window)
+            f.seek(lo)
+            tail = f.read(end - lo)
+            i = tail.rfind(b"\x06")
+            if i >= 0 or lo == start or window > MAX_VMDESC:
+                break
+            window *= 4
+        if i < 0:
+            return None
+        j = find_vmdesc(tail[i:])
+        if j is None:
+            return None
+        return parse_vmdesc_at(tail, i, lo)
+    finally:
+        f.seek(pos)
+
+
+def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int = CHUNK,
+                 **options) -> Iterator:
+    """Decode a binary file object (file, pipe, socket makefile) record by record.
+
+    Records carry numpy views of the read buffer: copy what you keep before
+    asking for the next record.
+    """
+    if decoder is None:
+        if "vmdesc" not in options and is_seekable(f):
+            options["vmdesc"] = read_vmdesc_ahead(f, f.tell())
+            if options["vmdesc"] is None:
+                options.pop("vmdesc")
+        decoder = Decoder(**options)
+    read = getattr(f, "read1", None) or f.read
+    while True:
+        ev = decoder.next_event()
+        if ev is None:
+            return
+        if ev is NEED_DATA:
+            data = read(chunk)
+            if not data:
+                decoder.feed_eof()
+            else:
+                decoder.feed(data)
+            continue
+        yield ev
+
+
+def open_source(src) -> BinaryIO:
+    """A binary file object for a path, '-', or an already open file."""
+    if src == "-" or src is None:
+        import sys
+        return sys.stdin.buffer
+    if isinstance(src, (str, os.PathLike)):
+        return open(src, "rb")
+    return src
