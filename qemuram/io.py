@@ -19,6 +19,9 @@ CHUNK = 8 << 20
 
 
 def is_seekable(f) -> bool:
+    """True when seeking is cheap (a real file, not a decompressing reader)."""
+    if getattr(f, "_emulated_seek", False) or type(f).__name__ == "_Decompressed":
+        return False
     try:
         return f.seekable() and f.seek(0, io.SEEK_CUR) is not None
     except (AttributeError, OSError, ValueError):
@@ -81,11 +84,22 @@ def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int =
         yield ev
 
 
-def open_source(src) -> BinaryIO:
-    """A binary file object for a path, '-', or an already open file."""
+def open_input(src, *, snapshot=None):
+    """(binary file with the QEMU stream, container description) for a path,
+    '-' (stdin) or an open binary file.  Seekable inputs may be libvirt save
+    images, qcow2 images with internal snapshots, or gzip/xz-wrapped streams;
+    pipes may be plain or gzip-wrapped streams."""
     if src == "-" or src is None:
         import sys
-        return sys.stdin.buffer
-    if isinstance(src, (str, os.PathLike)):
-        return open(src, "rb")
-    return src
+        src = sys.stdin.buffer
+    if not isinstance(src, (str, bytes, os.PathLike)) and not is_seekable(src):
+        peek = getattr(src, "peek", None)
+        head = peek(16)[:16] if peek else b""
+        if head[:2] == b"\x1f\x8b":
+            import gzip
+            g = gzip.GzipFile(fileobj=src, mode="rb")
+            g._emulated_seek = True
+            return g, {"kind": "plain", "compression": "gzip"}
+        return src, {"kind": "plain", "compression": None}
+    from .containers import open_any
+    return open_any(src, snapshot=snapshot)

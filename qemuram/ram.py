@@ -109,6 +109,7 @@ class RamDecoder:
             if total == 0:
                 self._list_remaining = 0
             return RamMemSize(total=total, blocks=[], offset=d.abs(p))
+        d.require_page_size()
         blocks, end = self._block_list(p + 8, total)
         self.mem_size_seen = True
         for b in blocks:
@@ -161,6 +162,7 @@ class RamDecoder:
         keeping the one(s) whose list adds up and is followed by a valid record."""
         d = self.d
         solutions: List[Tuple[List[RamBlockInfo], int]] = []
+        errors: List[StreamError] = []
 
         def walk(q, remaining, acc, seen):
             if len(solutions) > 1:
@@ -173,9 +175,8 @@ class RamDecoder:
                 return
             name, used, r = self._entry_head(q)
             if name in seen:
-                if len(acc) == 0 or True:
-                    raise DuplicateBlock("ramblock listed twice", offset=d.abs(q),
-                                         section="ram", found=name)
+                raise DuplicateBlock("ramblock listed twice", offset=d.abs(q),
+                                     section="ram", found=name)
             if used > remaining or used == 0:
                 raise StreamError("ramblock length does not fit the MEM_SIZE total",
                                   offset=d.abs(r - 8), section="ram",
@@ -199,11 +200,20 @@ class RamDecoder:
                 acc.append(RamBlockInfo(name=name, used_length=used, host_page_size=ps,
                                         addr=addr))
                 seen.add(name)
-                walk(r2, remaining - used, acc, seen)
-                seen.discard(name)
-                acc.pop()
+                try:
+                    walk(r2, remaining - used, acc, seen)
+                except StreamError as err:
+                    # One reading failing is expected while another may hold.
+                    if len(options) == 1:
+                        raise
+                    errors.append(err)
+                finally:
+                    seen.discard(name)
+                    acc.pop()
 
         walk(q, total, [], set())
+        if not solutions and errors:
+            raise max(errors, key=lambda e: e.offset or 0)
         if not solutions:
             raise StreamError("block list does not add up to the MEM_SIZE total or is not "
                               "followed by EOS", offset=d.abs(q), section="ram",
@@ -249,21 +259,33 @@ class RamDecoder:
         return RamBlockEntry(block=info, offset=d.abs(q))
 
     def _area_chunk(self):
+        """Next chunk of a mapped-ram area.  Chunks never straddle the bitmap,
+        padding and page regions, and in the page region they hold whole pages,
+        so consumers can index pages directly."""
         d = self.d
         name, end = self._area
+        info = self.blocks[name]
+        h = info.mapped_ram
+        P = h.page_size
         p = d._pos
-        left = end - d.abs(p)
-        if left <= 0:
+        cur = d.abs(p)
+        if cur >= end:
             self._area = None
             return self.step()
-        avail = min(len(d._buf) - p, left, self.area_chunk)
+        bitmap_end = h.bitmap_offset + mapped_ram.bitmap_size(info.used_length, P)
+        bound = next(b for b in (h.bitmap_offset, bitmap_end, h.pages_offset, end) if b > cur)
+        want = min(bound - cur, self.area_chunk)
+        avail = min(len(d._buf) - p, want)
+        if cur >= h.pages_offset and avail < want:
+            avail -= avail % P
         if avail <= 0:
-            d.need(1, f"mapped-ram area of block {name!r}")
+            d.need(min(want, P), f"mapped-ram area of block {name!r}")
+            avail = min(len(d._buf) - p, want)
         data = np.frombuffer(d._buf, dtype=np.uint8, count=avail, offset=p)
         d._pos = p + avail
-        if avail == left:
+        if cur + avail >= end:
             self._area = None
-        return MappedRamArea(block=name, data=data, offset=d.abs(p))
+        return MappedRamArea(block=name, data=data, offset=cur)
 
     # --- page records
     def _block_at(self, p: int, h: int, flags: int) -> Tuple[RamBlockInfo, int]:

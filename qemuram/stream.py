@@ -1,0 +1,176 @@
+"""``qemuram.open``: decode a whole stream into a memory image plus its non-RAM parts."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from . import io as qio
+from .framing import Decoder
+from .image import MemoryImage, RamBlock
+from .records import (CommandRecord, Configuration, EndOfStream, Header, MappedRamArea,
+                      OpaquePayload, PackageEnd, PageRun, RamBlockEntry, RamEos, RamMemSize,
+                      RamMultifdFlush, SectionFooter, SectionHeader, VMDescription,
+                      XbzrlePage, CompressedPage)
+from .wire import Command, RamFlag, SectionType
+
+RAM_RECORDS = (PageRun, XbzrlePage, CompressedPage, RamEos, RamMultifdFlush, RamMemSize,
+               RamBlockEntry, MappedRamArea)
+
+
+@dataclass
+class RamSectionSummary:
+    """What one "ram" section held, in the template: enough to re-create its
+    shape (which section kind, how many page records, flushes)."""
+    kind: SectionType
+    section_id: int
+    page_records: int = 0
+    zero_records: int = 0
+    xbzrle_records: int = 0
+    multifd_flushes: int = 0
+    offset: int = 0
+
+
+class Stream:
+    """A decoded QEMU migration stream.
+
+    ``ram`` maps block names to ``RamBlock`` (content in sparse temporary
+    files, removed by ``close()``); ``template`` holds every non-RAM record in
+    order with ``RamSectionSummary`` markers where ram payloads were.
+    """
+
+    def __init__(self):
+        self.machine: Optional[str] = None
+        self.page_size: Optional[int] = None
+        self.page_size_source: Optional[str] = None
+        self.capabilities: List[str] = []
+        self.configuration: Optional[Configuration] = None
+        self.format = "sequential"
+        self.ram: "OrderedDict[str, RamBlock]" = OrderedDict()
+        self.template: list = []
+        self.sections: List[dict] = []
+        self.commands: List[dict] = []
+        self.vmdesc: Optional[dict] = None
+        self.notes: List[str] = []
+        self.size = 0
+        self.container: Optional[dict] = None
+        self.postcopy_advise = None
+        self.image: Optional[MemoryImage] = None
+        self._physical = None
+
+    # -- context manager
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+
+    @property
+    def ram_sections(self) -> List[RamSectionSummary]:
+        return [t for t in self.template if isinstance(t, RamSectionSummary)]
+
+    @property
+    def physical(self):
+        """Guest-physical view (x86 pc/q35): see ``qemuram.physmap``."""
+        if self._physical is None:
+            from . import physmap
+            self._physical = physmap.for_stream(self)
+        return self._physical
+
+    def counts(self) -> Dict[str, Dict[str, int]]:
+        return {n: dict(b.counts) for n, b in self.ram.items()}
+
+
+def open(src, *, page_size: Optional[int] = None,
+         block_page_sizes: Optional[Dict[str, int]] = None, workdir: Optional[str] = None,
+         snapshot: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
+         file_names: Optional[Dict[str, str]] = None) -> Stream:
+    """Decode a stream (path, '-', or binary file) into a ``Stream``.
+
+    Raises a ``StreamError`` subclass for any invalid input; no partial
+    result is returned.
+    """
+    f, container = qio.open_input(src, snapshot=snapshot)
+    image = MemoryImage(workdir, keep=workdir is not None, file_names=file_names)
+    st = Stream()
+    st.container = container
+    st.image = image
+    try:
+        decode_into(f, st, image, page_size=page_size, block_page_sizes=block_page_sizes,
+                    progress=progress)
+    except BaseException:
+        image.close()
+        raise
+    finally:
+        if f is not src and hasattr(f, "close") and src not in ("-", None):
+            f.close()
+    return st
+
+
+def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, **options) -> Decoder:
+    opts = {k: v for k, v in options.items() if v is not None}
+    if qio.is_seekable(f):
+        vm = qio.read_vmdesc_ahead(f, f.tell())
+        if vm is not None:
+            opts["vmdesc"] = vm
+    dec = Decoder(**opts)
+    cur: Optional[RamSectionSummary] = None
+    last_report = 0
+    for rec in qio.iter_records(f, decoder=dec):
+        if isinstance(rec, RAM_RECORDS):
+            image.apply(rec, dec.page_size)
+            if cur is not None:
+                if isinstance(rec, PageRun):
+                    if rec.kind == RamFlag.ZERO:
+                        cur.zero_records += rec.count
+                    else:
+                        cur.page_records += rec.count
+                elif isinstance(rec, XbzrlePage):
+                    cur.xbzrle_records += 1
+                elif isinstance(rec, RamMultifdFlush):
+                    cur.multifd_flushes += 1
+            if progress is not None and rec.offset - last_report > (64 << 20):
+                last_report = rec.offset
+                progress(rec.offset)
+            continue
+        if isinstance(rec, SectionHeader):
+            st.sections.append({"offset": rec.offset, "type": rec.kind.name,
+                                "section_id": rec.section_id, "idstr": rec.idstr,
+                                **({"instance_id": rec.instance_id, "version_id": rec.version_id}
+                                   if rec.kind in (SectionType.START, SectionType.FULL) else {})})
+            st.template.append(rec)
+            if rec.idstr == "ram":
+                cur = RamSectionSummary(kind=rec.kind, section_id=rec.section_id,
+                                        offset=rec.offset)
+                st.template.append(cur)
+            continue
+        if isinstance(rec, SectionFooter):
+            cur = None
+        elif isinstance(rec, CommandRecord):
+            st.commands.append({"offset": rec.offset, "command": rec.name,
+                                "length": len(rec.data)})
+            rec.data = bytes(rec.data)
+        elif isinstance(rec, OpaquePayload):
+            rec.data = bytes(rec.data)
+            st.sections[-1]["size"] = len(rec.data)
+            st.sections[-1]["measured_by"] = rec.measured_by
+        elif isinstance(rec, Configuration):
+            st.configuration = rec
+        st.template.append(rec)
+    st.machine = dec.machine
+    st.page_size = dec.page_size
+    st.page_size_source = dec.page_size_source
+    st.capabilities = list(dec.capabilities)
+    st.format = "mapped-ram" if "mapped-ram" in dec.capabilities else "sequential"
+    st.vmdesc = dec.vmdesc
+    st.notes = list(dec.notes)
+    st.postcopy_advise = dec.postcopy_advise
+    st.size = dec.offset
+    image.flush()
+    st.ram = image.blocks
+    return dec
