@@ -141,6 +141,13 @@ class Decoder:
         """Absolute stream offset of the next undecoded byte."""
         return self._base + self._pos
 
+    def raw(self, offset: int, length: int) -> bytes:
+        """Input bytes of a record just decoded (still in the buffer)."""
+        lo = offset - self._base
+        if lo < 0 or lo + length > len(self._buf):
+            raise ValueError("bytes no longer buffered")
+        return self._buf[lo:lo + length]
+
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos

@@ -71,6 +71,17 @@ class RamBlock:
                              f"{self.name!r} (size 0x{self.size:x})")
         return self._mm[offset:offset + length].tobytes()
 
+    def write(self, offset: int, data) -> None:
+        """Overwrite guest memory (e.g. before re-encoding with new content)."""
+        data = np.frombuffer(bytes(data), dtype=np.uint8)
+        if offset < 0 or offset + data.size > self.size:
+            raise UsageError(f"write of {data.size} bytes at 0x{offset:x} is outside block "
+                             f"{self.name!r} (size 0x{self.size:x})")
+        self._mm[offset:offset + data.size] = data
+        P = self.target_page_size
+        first, last = offset // P, (offset + max(data.size, 1) - 1) // P
+        self.written[first:last + 1] = True
+
     def flush(self) -> None:
         if isinstance(self._mm, np.memmap):
             self._mm.flush()

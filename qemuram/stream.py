@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from . import io as qio
-from .framing import Decoder
+from .framing import Decoder, encode_record
 from .image import MemoryImage, RamBlock
 from .records import (CommandRecord, Configuration, EndOfStream, Header, MappedRamArea,
                       OpaquePayload, PackageEnd, PageRun, RamBlockEntry, RamEos, RamMemSize,
@@ -58,6 +58,8 @@ class Stream:
         self.postcopy_advise = None
         self.image: Optional[MemoryImage] = None
         self._physical = None
+        self.roundtrip: Optional[bool] = None          # set when opened with verify=True
+        self.roundtrip_mismatch: Optional[int] = None
 
     # -- context manager
     def __enter__(self):
@@ -89,11 +91,12 @@ class Stream:
 def open(src, *, page_size: Optional[int] = None,
          block_page_sizes: Optional[Dict[str, int]] = None, workdir: Optional[str] = None,
          snapshot: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
-         file_names: Optional[Dict[str, str]] = None) -> Stream:
+         file_names: Optional[Dict[str, str]] = None, verify: bool = False) -> Stream:
     """Decode a stream (path, '-', or binary file) into a ``Stream``.
 
     Raises a ``StreamError`` subclass for any invalid input; no partial
-    result is returned.
+    result is returned.  With ``verify=True`` every record is re-encoded and
+    compared with the input bytes it came from (``Stream.roundtrip``).
     """
     f, container = qio.open_input(src, snapshot=snapshot)
     image = MemoryImage(workdir, keep=workdir is not None, file_names=file_names)
@@ -102,7 +105,7 @@ def open(src, *, page_size: Optional[int] = None,
     st.image = image
     try:
         decode_into(f, st, image, page_size=page_size, block_page_sizes=block_page_sizes,
-                    progress=progress)
+                    progress=progress, check_roundtrip=verify)
     except BaseException:
         image.close()
         raise
@@ -112,7 +115,8 @@ def open(src, *, page_size: Optional[int] = None,
     return st
 
 
-def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, **options) -> Decoder:
+def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_roundtrip=False,
+                **options) -> Decoder:
     opts = {k: v for k, v in options.items() if v is not None}
     if qio.is_seekable(f):
         vm = qio.read_vmdesc_ahead(f, f.tell())
@@ -122,6 +126,11 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, **options) 
     cur: Optional[RamSectionSummary] = None
     last_report = 0
     for rec in qio.iter_records(f, decoder=dec):
+        if check_roundtrip and st.roundtrip_mismatch is None:
+            enc = encode_record(rec, dec.page_size)
+            if dec.raw(rec.offset, len(enc)) != enc or rec.offset != st.size:
+                st.roundtrip_mismatch = rec.offset
+            st.size = rec.offset + len(enc)
         if isinstance(rec, RAM_RECORDS):
             image.apply(rec, dec.page_size)
             if cur is not None:
@@ -170,6 +179,8 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, **options) 
     st.vmdesc = dec.vmdesc
     st.notes = list(dec.notes)
     st.postcopy_advise = dec.postcopy_advise
+    if check_roundtrip:
+        st.roundtrip = st.roundtrip_mismatch is None and st.size == dec.offset
     st.size = dec.offset
     image.flush()
     st.ram = image.blocks
