@@ -786,3 +786,36 @@ class PhysicalMemory:
     def __repr__(self) -> str:
         return (f"PhysicalMemory({len(self._ranges)} ranges, "
                 f"{self.mapped_bytes} bytes mapped)")
+
+
+# Blocks every x86 machine has that are not guest RAM DIMMs.
+_NON_DIMM_PREFIXES = ("pc.ram", "pc.bios", "pc.rom", "/rom@", "vga.", "ram-", "0000:")
+
+
+def for_stream(stream: Any, *, dimms: Sequence[Union[str, Tuple[str, int]]] = (),
+               **layout_kw: Any) -> "PhysicalMemory":
+    """Guest-physical view of a decoded x86 ``qemuram.Stream``.
+
+    ``pc.ram`` (split around the PCI hole by the machine type's rules),
+    ``pc.bios`` and ``pc.rom`` are placed by :func:`x86_layout`.  DIMMs are
+    placed too when their place is known: from the x-ignore-shared block
+    addresses in the stream (offsets in the device-memory area), or when the
+    caller names them in ``dimms`` (plug order).
+    """
+    if not stream.machine:
+        raise LayoutError("the stream does not name its machine type")
+    blocks = stream.ram
+    extra: List[Tuple[int, str]] = []
+    if not dimms and "x-ignore-shared" in (stream.capabilities or []):
+        main = blocks.get(layout_kw.get("ram_block", "pc.ram"))
+        if main is not None:
+            split_kw = {k: v for k, v in layout_kw.items()
+                        if k in ("max_ram_below_4g", "gigabyte_align", "amd_cpu",
+                                 "maxram_size", "ram_slots", "pci_hole64_size",
+                                 "above_4g_mem_start")}
+            base = device_memory_base(stream.machine, int(main.size), **split_kw)
+            for name, blk in blocks.items():
+                if name.startswith(_NON_DIMM_PREFIXES) or getattr(blk, "addr", None) is None:
+                    continue
+                extra.append((base + int(blk.addr), name))
+    return PhysicalMemory.for_x86(stream.machine, blocks, dimms=dimms, extra=extra, **layout_kw)

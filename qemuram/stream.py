@@ -184,4 +184,18 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_round
     st.size = dec.offset
     image.flush()
     st.ram = image.blocks
+    _set_guest_addresses(st)
     return dec
+
+
+def _set_guest_addresses(st: Stream) -> None:
+    """Fill ``RamBlock.gpa`` where the machine type says where a block starts."""
+    try:
+        ranges = st.physical.ranges
+    except Exception:  # not an x86 machine type qemuram maps, or no pc.ram
+        st._physical = None
+        return
+    for r in ranges:
+        blk = st.ram.get(r.block)
+        if blk is not None and r.block_offset == 0:
+            blk.gpa = r.gpa
