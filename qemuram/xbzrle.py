@@ -1,0 +1,262 @@
+"""XBZRLE page delta encoding, bit-compatible with QEMU's generic encoder.
+
+An encoded page is a list of pairs: a ULEB128 count of bytes that did not
+change, a ULEB128 count of bytes that did, then those changed bytes.  QEMU's
+lengths are at most two ULEB128 bytes (14 bits), on both sides of the wire.
+
+What the generic (non-AVX512) encoder in QEMU's migration/xbzrle.c really
+emits, which is what ``encode`` reproduces:
+
+* Runs are maximal.  Its word-at-a-time compare only skips whole words that
+  are all-equal (zero run) or all-different (non-zero run, detected with the
+  "word has a zero byte" bit trick on old ^ new, which is exact); the run end
+  is then found byte by byte, so the word size never moves a boundary.
+* The unchanged tail of the page is not written; an unchanged page gives 0
+  bytes (QEMU skips the page).
+* Overflow (the page is then sent whole) is "output longer than the page",
+  plus one quirk: before each new pair QEMU wants 2 bytes of room, so when
+  unchanged bytes remain after the last changed run, an output of page size
+  - 1 or page size is also an overflow.  An output of exactly the page size
+  is accepted when the last byte of the page changed.
+* A run longer than 0x3fff that would have to be written trips an assertion
+  in QEMU (it cannot happen for pages up to 8 KiB).  There is no valid
+  encoding, so ``encode`` reports overflow.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .errors import UsageError, XBZRLEError
+
+__all__ = ["encode", "decode", "uleb128_encode", "uleb128_decode", "ULEB128_MAX"]
+
+ULEB128_MAX = 0x3FFF
+"""Largest run length QEMU can write or read (two ULEB128 bytes)."""
+
+
+def uleb128_encode(n: int) -> bytes:
+    """Why only 14 bits: QEMU's decoder rejects a third ULEB128 byte."""
+    if not 0 <= n <= ULEB128_MAX:
+        raise UsageError(f"XBZRLE run length {n} outside 0..{ULEB128_MAX}")
+    if n < 0x80:
+        return bytes((n,))
+    return bytes(((n & 0x7F) | 0x80, n >> 7))
+
+
+def uleb128_decode(buf, pos: int, *, offset: int = 0) -> Tuple[int, int]:
+    """Read one QEMU-sized ULEB128 at ``buf[pos]``; returns (value, next pos).
+
+    Non-canonical two-byte forms (``80 00``) are accepted because QEMU
+    accepts them.  ``offset`` is added to positions in errors so they name
+    the byte in the whole stream.
+    """
+    n = len(buf)
+    if pos >= n:
+        raise XBZRLEError("data ends where a run length should start",
+                          offset=offset + pos, expected="a ULEB128 length",
+                          found="end of data")
+    first = buf[pos]
+    if not first & 0x80:
+        return first, pos + 1
+    if pos + 1 >= n:
+        raise XBZRLEError("data ends inside a two-byte run length",
+                          offset=offset + pos, expected="a second ULEB128 byte",
+                          found="end of data")
+    second = buf[pos + 1]
+    if second & 0x80:
+        raise XBZRLEError("run length longer than two ULEB128 bytes",
+                          offset=offset + pos + 1,
+                          expected="a final ULEB128 byte (< 0x80)",
+                          found=f"0x{second:02x}")
+    return (first & 0x7F) | (second << 7), pos + 2
+
+
+def _as_u8(buf, *, writable: bool = False) -> np.ndarray:
+    """One flat uint8 view, so every bytes-like input is handled alike."""
+    if isinstance(buf, np.ndarray):
+        arr = buf
+        if arr.dtype != np.uint8:
+            if not arr.flags.c_contiguous:
+                raise UsageError("page array must be C-contiguous")
+            arr = arr.view(np.uint8)
+        arr = arr.reshape(-1)
+        if writable and not arr.flags.writeable:
+            raise UsageError("page buffer is read-only")
+        return arr
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise UsageError(f"expected a bytes-like page, got {type(buf).__name__}") from None
+    if not mv.c_contiguous:
+        raise UsageError("page buffer must be contiguous")
+    if writable and mv.readonly:
+        raise UsageError("page buffer is read-only")
+    if mv.nbytes == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.frombuffer(mv.cast("B"), dtype=np.uint8)
+
+
+_FEW_RUNS = 32
+"""Up to this many runs a plain loop beats numpy's per-call cost."""
+
+
+def encode(old, new) -> Optional[bytes]:
+    """Delta of ``new`` against ``old``, byte-equal to QEMU's output.
+
+    ``b""`` means unchanged (QEMU does not send the page) and ``None`` means
+    overflow (QEMU sends a plain page instead).  The output limit is the
+    page size, as QEMU calls the encoder with dlen = TARGET_PAGE_SIZE.
+    With 64 KiB pages an output of exactly 65536 bytes is possible, and
+    does not fit the record's be16 length (QEMU would write 0): writers
+    must treat it as overflow.
+    """
+    a = _as_u8(old)
+    b = _as_u8(new)
+    size = a.size
+    if b.size != size:
+        raise UsageError(f"old and new pages differ in size ({size} != {b.size})")
+    if size == 0:
+        return b""
+    if size < 2:
+        # QEMU's room check (2 bytes) runs before anything else.
+        return None
+    diff = a != b
+    if not diff.any():
+        return b""
+    # Every place where "differs" flips is a run boundary.
+    edges = np.flatnonzero(diff[1:] != diff[:-1]) + 1
+    if diff[0]:
+        edges = np.concatenate(([0], edges))
+    if diff[-1]:
+        edges = np.concatenate((edges, [size]))
+    if edges.size // 2 * 3 > size:
+        return None  # every pair costs at least 3 bytes
+    if edges.size <= 2 * _FEW_RUNS:
+        return _assemble_few(edges.tolist(), b, size)
+    return _assemble_many(edges, b, diff, size)
+
+
+def _assemble_few(edges, b: np.ndarray, size: int) -> Optional[bytes]:
+    data = memoryview(b)
+    out = bytearray()
+    prev_end = 0
+    for k in range(0, len(edges), 2):
+        start, end = edges[k], edges[k + 1]
+        for n in (start - prev_end, end - start):
+            if n < 0x80:
+                out.append(n)
+            elif n <= ULEB128_MAX:
+                out += bytes(((n & 0x7F) | 0x80, n >> 7))
+            else:
+                return None
+        out += data[start:end]
+        prev_end = end
+    if len(out) > (size if prev_end == size else size - 2):
+        return None
+    return bytes(out)
+
+
+def _assemble_many(edges: np.ndarray, b: np.ndarray, diff: np.ndarray,
+                   size: int) -> Optional[bytes]:
+    starts = edges[0::2]
+    ends = edges[1::2]
+    nz = ends - starts
+    z = starts - np.concatenate(([0], ends[:-1]))
+    if int(nz.max()) > ULEB128_MAX or int(z.max()) > ULEB128_MAX:
+        return None
+    zl = 1 + (z >= 0x80)
+    nl = 1 + (nz >= 0x80)
+    pair_len = zl + nl + nz
+    total = int(pair_len.sum())
+    if total > (size if int(ends[-1]) == size else size - 2):
+        return None
+    out = np.empty(total, dtype=np.uint8)
+    is_data = np.ones(total, dtype=bool)
+    pos = np.cumsum(pair_len) - pair_len
+    for lengths, width, at in ((z, zl, pos), (nz, nl, pos + zl)):
+        two = width == 2
+        out[at] = np.where(two, (lengths & 0x7F) | 0x80, lengths)
+        is_data[at] = False
+        at2 = at[two] + 1
+        out[at2] = lengths[two] >> 7
+        is_data[at2] = False
+    out[is_data] = b[diff]
+    return out.tobytes()
+
+
+def decode(data, page, *, offset: int = 0) -> None:
+    """Apply an encoded delta to ``page`` in place, all or nothing.
+
+    Accepts and rejects exactly what QEMU's xbzrle_decode_buffer does, but
+    checks the whole input before touching ``page``: QEMU would leave a
+    half-patched page behind.  Error offsets are ``offset`` plus the position
+    in ``data`` of the length field (or byte) at fault.  The record-level
+    limit (encoded length <= page size) is the caller's check.
+    """
+    src = data if isinstance(data, bytes) else bytes(data)
+    dst = _as_u8(page, writable=True)
+    dlen = dst.size
+    n = len(src)
+    runs = []
+    i = 0
+    d = 0
+    while i < n:
+        if n - i < 2:
+            raise XBZRLEError("data ends inside a run pair",
+                              offset=offset + i,
+                              expected="a zero-run length and a non-zero run",
+                              found=f"{n - i} byte left")
+        count = src[i]
+        if count < 0x80:
+            j = i + 1
+        else:
+            count, j = uleb128_decode(src, i, offset=offset)
+        if i and not count:
+            raise XBZRLEError("zero-length zero run after the first pair",
+                              offset=offset + i, expected="a length >= 1",
+                              found=0)
+        d += count
+        if d > dlen:
+            raise XBZRLEError("zero run goes past the end of the page",
+                              offset=offset + i,
+                              expected=f"a length <= {dlen - (d - count)}",
+                              found=count)
+        i = j
+        if n - i < 2:
+            raise XBZRLEError("data ends before a non-zero run",
+                              offset=offset + i,
+                              expected="a non-zero run length and its bytes",
+                              found=f"{n - i} byte(s) left")
+        count = src[i]
+        if count < 0x80:
+            j = i + 1
+        else:
+            count, j = uleb128_decode(src, i, offset=offset)
+        if not count:
+            raise XBZRLEError("zero-length non-zero run", offset=offset + i,
+                              expected="a length >= 1", found=0)
+        if d + count > dlen:
+            raise XBZRLEError("non-zero run goes past the end of the page",
+                              offset=offset + i,
+                              expected=f"a length <= {dlen - d}", found=count)
+        if j + count > n:
+            raise XBZRLEError("non-zero run goes past the end of the data",
+                              offset=offset + i,
+                              expected=f"a length <= {n - j}", found=count)
+        runs.append((d, j, count))
+        d += count
+        i = j + count
+    if len(runs) <= _FEW_RUNS:
+        out = memoryview(dst)
+        for d, j, count in runs:
+            out[d:d + count] = src[j:j + count]
+        return
+    # One scatter instead of a Python-level copy per run.
+    s = np.frombuffer(src, dtype=np.uint8)
+    meta = np.array(runs, dtype=np.int64)
+    dpos, spos, counts = meta[:, 0], meta[:, 1], meta[:, 2]
+    first = np.cumsum(counts) - counts
+    src_idx = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(spos - first, counts)
+    dst[src_idx + np.repeat(dpos - spos, counts)] = s[src_idx]
