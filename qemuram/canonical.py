@@ -145,6 +145,19 @@ class CanonicalWriter:
         self.caps = caps
         self.caps_changed = sorted(caps) != sorted(stream.capabilities)
         self.blocks = [b for b in stream.ram.values() if b.sent.any()]
+        if (self.layout == "mapped-ram" and "x-ignore-shared" in caps
+                and len(self.blocks) < len(stream.ram)):
+            skipped = ", ".join(n for n, b in stream.ram.items() if not b.sent.any())
+            raise UsageError("a mapped-ram file cannot record that x-ignore-shared skipped "
+                             f"{skipped} (QEMU 10 neither saves nor loads x-ignore-shared with "
+                             "mapped-ram); keep the sequential layout")
+        advise = stream.postcopy_advise
+        if advise is not None:
+            summary, tps = advise
+            self.normal_page = min((1 << b for b in range(64)
+                                    if summary >> b & 1 and 1 << b >= tps), default=max(P, 4096))
+        else:
+            self.normal_page = max(P, 4096)
         self.compact = compact
         self._plan_parts()
 
@@ -170,6 +183,16 @@ class CanonicalWriter:
             elif iters:
                 self.part_quota[id(iters[-1])] = total
 
+    def _advise_data(self, data: bytes) -> bytes:
+        """POSTCOPY_ADVISE carries the OR of all blocks' page sizes: keep it in
+        step with the page-size fields written in the block list."""
+        if not self.host_page_sizes:
+            return data
+        summary = self.normal_page
+        for info in self._block_infos():
+            summary |= info.host_page_size or self.normal_page
+        return summary.to_bytes(8, "big") + data[8:]
+
     def _block_infos(self) -> List[RamBlockInfo]:
         out = []
         advised = self.st.postcopy_advise is not None
@@ -177,8 +200,7 @@ class CanonicalWriter:
             ps = b.host_page_size
             if b.name in self.host_page_sizes:
                 ps = self.host_page_sizes[b.name]
-                normal = max(self.P, 4096)
-                ps = None if ps == normal else ps
+                ps = None if ps == self.normal_page else ps
             out.append(RamBlockInfo(name=b.name, used_length=b.size,
                                     host_page_size=ps if advised else None,
                                     addr=b.addr if "x-ignore-shared" in self.caps else None))
@@ -262,6 +284,9 @@ class CanonicalWriter:
                 continue
             if isinstance(rec, Configuration):
                 rec = _configuration(rec, self.caps)
+            elif (isinstance(rec, CommandRecord) and rec.cmd == Command.POSTCOPY_ADVISE
+                  and len(rec.data) == 16):
+                rec = CommandRecord(rec.cmd, self._advise_data(bytes(rec.data)))
             elif isinstance(rec, VMDescription):
                 rec = VMDescription(_vmdesc(bytes(rec.json_bytes), self.caps, self.caps_changed))
             sink.write(encode_record(rec, self.P))

@@ -225,6 +225,7 @@ def cmd_extract(args) -> int:
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o755)
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)
@@ -439,6 +440,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UsageError, QemuramError) as err:
         print(f"qemuram: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error of ours.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
     except OSError as err:
         print(f"qemuram: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -19,7 +19,7 @@ from . import ram as ramcodec
 from . import vmstate
 from .errors import (BadMagic, FooterMismatch, PageSizeError, StreamError,
                      TrailingGarbage, TruncatedStream, UnknownCommand,
-                     UnknownSection, UnsupportedVersion, VMDescError)
+                     UnknownSection, UnsupportedVersion, UsageError, VMDescError)
 from .records import (CommandRecord, ConfigSubsection, Configuration, EndOfStream,
                       Header, OpaquePayload, PackageEnd, SectionFooter,
                       SectionHeader, VMDescription)
@@ -49,24 +49,37 @@ def machine_page_size(machine: str) -> Optional[int]:
     return None
 
 
-def find_vmdesc(tail: bytes, base: int = 0) -> Optional[int]:
+def find_vmdesc(tail: bytes, base: int = 0, *, exact: bool = False) -> Optional[int]:
     """Index in ``tail`` of the vmdesc's 0x06 marker, or None.
 
-    JSON text never contains a raw 0x06 byte, so the marker can only be the
-    last 0x06 of the input; it counts when its be32 length reaches exactly to
-    the end and the bytes parse as a JSON object.
+    JSON text never contains a raw 0x06 byte, so the marker is the last 0x06
+    before the JSON; it counts when its be32 length covers a JSON object.
+    With ``exact`` the JSON must also reach the end of ``tail`` (QEMU writes
+    nothing after it); without, bytes after it (trailing garbage) or a JSON
+    cut short still locate the trailer, so the caller reports the precise
+    error instead of losing the device-section descriptions.
     """
-    i = tail.rfind(b"\x06")
-    if i < 0 or len(tail) - i < 5:
-        return None
-    n = int.from_bytes(tail[i + 1:i + 5], "big")
-    if n != len(tail) - i - 5 or n > MAX_VMDESC:
-        return None
-    try:
-        obj = json.loads(bytes(tail[i + 5:]))
-    except ValueError:
-        return None
-    return i if isinstance(obj, dict) else None
+    end = len(tail)
+    for _ in range(16):
+        i = tail.rfind(b"\x06", 0, end)
+        if i < 0:
+            return None
+        end = i
+        if len(tail) - i < 6 or tail[i + 5:i + 6] != b"{":
+            continue
+        n = int.from_bytes(tail[i + 1:i + 5], "big")
+        if n > MAX_VMDESC or (exact and n != len(tail) - i - 5):
+            continue
+        body = bytes(tail[i + 5:i + 5 + n])
+        if len(body) < n:
+            return None if exact else i      # cut short: let the framing say so
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None if exact else i      # broken JSON: VMDescError from the framing
+        if isinstance(obj, dict):
+            return i
+    return None
 
 
 def parse_vmdesc_at(buf, i: int, base: int = 0) -> dict:
@@ -99,6 +112,9 @@ class Decoder:
         self._pos = 0
         self._base = 0               # absolute offset of _buf[0]
         self._eof = False
+        self._pending: List[bytes] = []
+        self._pending_len = 0
+        self._want = 0                 # bytes from _pos the current record needs
         self._state = "header"
         self._error: Optional[StreamError] = None
         self.max_tail = max_tail
@@ -124,14 +140,25 @@ class Decoder:
 
     # ------------------------------------------------------------ input side
     def feed(self, data) -> None:
+        """Add input.  Small feeds are queued and joined only once the record
+        being waited for can be complete, so feeding a large record in tiny
+        pieces stays linear."""
         if self._eof:
-            raise StreamError("data fed after end of input")
+            raise UsageError("data fed after feed_eof()")
         if not data:
+            return
+        self._pending.append(bytes(data))
+        self._pending_len += len(data)
+
+    def _join_pending(self) -> None:
+        if not self._pending:
             return
         rest = self._buf[self._pos:]
         self._base += self._pos
-        self._buf = bytes(rest) + bytes(data) if rest else bytes(data)
+        self._buf = b"".join([rest, *self._pending]) if rest else b"".join(self._pending)
         self._pos = 0
+        self._pending.clear()
+        self._pending_len = 0
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -161,11 +188,12 @@ class Decoder:
         """Make sure ``n`` bytes are buffered from ``at`` (buffer index)."""
         at = self._pos if at is None else at
         if len(self._buf) - at < n:
-            if self._eof:
+            if self._eof and not self._pending:
                 raise TruncatedStream("stream ends early", offset=self._base + len(self._buf),
                                       expected=f"{what} ({n} bytes from offset {self._base + at})",
                                       found=f"{len(self._buf) - at} bytes",
                                       section=self._section_name())
+            self._want = at - self._pos + n
             raise _NeedData()
 
     def u8(self, at: int) -> int:
@@ -217,12 +245,18 @@ class Decoder:
         if self._error is not None:
             raise self._error
         if self._state == "done":
+            self._join_pending()
             if self._pos < len(self._buf):
                 self._fail(TrailingGarbage("bytes after the end of the stream",
                                            offset=self.offset,
                                            found=f"{len(self._buf) - self._pos} more bytes"))
             return None
+        if self._pending:
+            if not self._eof and len(self._buf) - self._pos + self._pending_len < self._want:
+                return NEED_DATA
+            self._join_pending()
         start = self._pos
+        self._want = 0
         try:
             return self._step()
         except _NeedData:
@@ -435,15 +469,22 @@ class Decoder:
                 if len(self._buf) - p > self.max_tail:
                     raise StreamError("device-state tail larger than max_tail while looking "
                                       "for the vmdesc", offset=self.abs(p), found=len(self._buf) - p)
+                self._want = len(self._buf) - p + (1 << 20)
                 raise _NeedData()
             i = find_vmdesc(self._buf[p:])
             self.vmdesc_given = True
             if i is not None:
-                self.vmdesc = parse_vmdesc_at(self._buf, p + i, self._base)
+                try:
+                    self.vmdesc = parse_vmdesc_at(self._buf, p + i, self._base)
+                except StreamError:
+                    # Reported precisely when the framing reaches the trailer.
+                    i = None
+            if i is not None:
                 if "page_size" in self.vmdesc:
                     self._set_page_size(int(self.vmdesc["page_size"]), "vmdesc")
-            else:
-                self.notes.append("no vmdesc trailer: device sections measured by footer scan")
+            if i is None:
+                self.notes.append("no usable vmdesc trailer: device sections measured by footer "
+                                  "scan")
         end, how = None, None
         if kind == SectionType.FULL and self.vmdesc is not None:
             inst = self.sections[sid][1]
@@ -507,7 +548,7 @@ class Decoder:
             rest = self._buf[at + 1:]
             if not rest:
                 return True
-            return rest[0] == SectionType.VMDESCRIPTION and find_vmdesc(rest) == 0
+            return rest[0] == SectionType.VMDESCRIPTION
         if t in (SectionType.PART, SectionType.END):
             return len(self._buf) - at >= 5 and self.be32(at + 1) in self.sections
         if t in (SectionType.START, SectionType.FULL):

@@ -143,7 +143,8 @@ class MemoryImage:
             P = blk.target_page_size
             i = rec.page_offset // P
             page = blk.pages()[i]
-            xbzrle.decode(rec.encoded, page, offset=rec.offset)
+            data_at = rec.offset + 8 + (1 + len(rec.block) if rec.named else 0) + 3
+            xbzrle.decode(rec.encoded, page, offset=data_at)
             blk.written[i] = True
             blk.sent[i] = True
             blk.counts["xbzrle"] += 1

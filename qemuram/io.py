@@ -48,7 +48,7 @@ def read_vmdesc_ahead(f: BinaryIO, start: int = 0) -> Optional[dict]:
             window *= 4
         if i < 0:
             return None
-        j = find_vmdesc(tail[i:])
+        j = find_vmdesc(tail[i:], exact=True)
         if j is None:
             return None
         return parse_vmdesc_at(tail, i, lo)

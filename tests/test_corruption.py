@@ -187,10 +187,6 @@ def test_truncated_file_through_open(name, tmp_path, monkeypatch):
     assert made, "open() never created its image directory"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a stream cut inside its vmdesc trailer is reported as "
-                   "FooterMismatch at the last device section's payload (framing.Decoder: the "
-                   "footer scan rejects EOF followed by an incomplete vmdesc) instead of "
-                   "TruncatedStream at the end of input")
 @pytest.mark.parametrize("cut", [1, 5, 100, -1])
 def test_truncated_inside_vmdesc_is_truncated_stream(cut):
     data = load_stream("q35-plain")
@@ -469,9 +465,6 @@ def test_xbzrle_undecodable_delta_fails_in_open(encoded, pos):
     assert type(err) is XBZRLEError, (type(err).__name__, str(err))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: image.MemoryImage.apply passes the XBZRLE record's "
-                   "header offset (rec.offset) to xbzrle.decode, which adds positions within the "
-                   "encoded data: error offsets are short by the header+name+3 bytes")
 @pytest.mark.parametrize("encoded,pos", [
     (b"\x00\x00", 1),
     (b"\x10\x00", 1),
@@ -507,10 +500,6 @@ def test_trailing_garbage_with_vmdesc_given():
         assert type(err) is TrailingGarbage and err.offset == len(data)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bytes after the vmdesc give FooterMismatch at the "
-                   "last device section (framing.find_vmdesc wants the trailer to reach the end of "
-                   "input, so it is not found and the footer scan rejects EOF + trailer) instead "
-                   "of TrailingGarbage at the first extra byte")
 @pytest.mark.parametrize("junk", [b"\x00", b"junk", b"QEVM\x00\x00\x00\x03"])
 def test_trailing_garbage_after_vmdesc(junk):
     data = load_stream(PLAIN)
