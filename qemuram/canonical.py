@@ -210,21 +210,26 @@ class CanonicalWriter:
     def _page_runs(self) -> Iterator[PageRun]:
         P = self.P
         for b in self.blocks:
-            pages = b.pages()
-            n = pages.shape[0]
+            n = b.npages
             named = True
             for start in range(0, n, _RUN_PAGES):
-                chunk = np.asarray(pages[start:start + _RUN_PAGES])
-                offs = (np.arange(start, start + chunk.shape[0], dtype=np.uint64) * np.uint64(P))
+                count = min(_RUN_PAGES, n - start)
+                written = b.written[start:start + count]
+                offs = np.arange(start, start + count, dtype=np.uint64) * np.uint64(P)
+                if written.any():
+                    chunk = b.read_pages(start, count)
+                    nz = chunk.any(axis=1) if self.zero_pages == "records" else written
+                else:
+                    chunk = None                     # holes: all zero, nothing to read
+                    nz = written
                 if self.zero_pages == "full":
+                    if chunk is None:
+                        chunk = np.zeros((count, P), dtype=np.uint8)
                     yield PageRun(RamFlag.PAGE, b.name, offs, named, data=chunk)
                     named = False
                     continue
-                nz = chunk.reshape(chunk.shape[0], -1).view(np.uint64).any(axis=1) \
-                    if P % 8 == 0 else chunk.any(axis=1)
-                # split into maximal runs of equal kind
                 edges = np.flatnonzero(np.diff(nz.astype(np.int8))) + 1
-                bounds = [0, *edges.tolist(), chunk.shape[0]]
+                bounds = [0, *edges.tolist(), count]
                 for lo, hi in zip(bounds[:-1], bounds[1:]):
                     if nz[lo]:
                         yield PageRun(RamFlag.PAGE, b.name, offs[lo:hi], named, data=chunk[lo:hi])
@@ -310,12 +315,12 @@ class CanonicalWriter:
             hdr, next_pos = mapped_ram.layout(header_offset, info.used_length, self.P)
             info.mapped_ram = hdr
             sink.write(encode_record(RamBlockEntry(info), self.P))
-            pages = blk.pages()
-            present = np.zeros(pages.shape[0], dtype=bool)
-            if blk.sent.any():
-                for start in range(0, pages.shape[0], _RUN_PAGES):
-                    chunk = np.asarray(pages[start:start + _RUN_PAGES])
-                    present[start:start + chunk.shape[0]] = chunk.any(axis=1)
+            npages = blk.npages
+            present = np.zeros(npages, dtype=bool)
+            for start in range(0, npages, _RUN_PAGES):
+                count = min(_RUN_PAGES, npages - start)
+                if blk.written[start:start + count].any():
+                    present[start:start + count] = blk.read_pages(start, count).any(axis=1)
             sink.write(mapped_ram.bools_to_bitmap(present))
             idx = np.flatnonzero(present)
             if idx.size:
@@ -326,7 +331,7 @@ class CanonicalWriter:
                     sink.skip_to(hdr.pages_offset + lo * self.P)
                     for s in range(lo, hi, _RUN_PAGES):
                         e = min(hi, s + _RUN_PAGES)
-                        sink.write(np.asarray(pages[s:e]).tobytes())
+                        sink.write(blk.read(s * self.P, (e - s) * self.P))
             sink.skip_to(next_pos)
         sink.write(encode_record(RamEos(), self.P))
 

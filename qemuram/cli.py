@@ -94,11 +94,17 @@ def _open(args, *, verify=False, workdir=None, file_names=None):
 
 
 def _sha256(block) -> str:
+    """SHA-256 of a block's content, read in bounded chunks (holes read as zeros)."""
     h = hashlib.sha256()
-    arr = block.array()
-    step = 64 << 20
+    step = 16 << 20
+    zero = bytes(step)
+    P = block.target_page_size
     for i in range(0, block.size, step):
-        h.update(memoryview(arr[i:i + step]))
+        n = min(step, block.size - i)
+        if not block.written[i // P:(i + n + P - 1) // P].any():
+            h.update(memoryview(zero)[:n])
+        else:
+            h.update(block.read(i, n))
     return h.hexdigest()
 
 
@@ -218,7 +224,7 @@ def cmd_extract(args) -> int:
                         "page_size": st.page_size, "capabilities": st.capabilities,
                         "ramblocks": []}
             for b in st.ram.values():
-                d = _block_dict(b, True)
+                d = _block_dict(b, args.hash)
                 d["file"] = os.path.basename(b.path)
                 manifest["ramblocks"].append(d)
             st.image.flush()
@@ -313,17 +319,19 @@ def cmd_diff(args) -> int:
                                else None, "size_a": ba and ba.size, "size_b": bb and bb.size})
                 continue
             P = ba.target_page_size
-            pa, pb = ba.pages(), bb.pages()
             diff_pages: List[int] = []
             count = 0
-            for s in range(0, pa.shape[0], 16384):
-                d = np.flatnonzero((np.asarray(pa[s:s + 16384]) != np.asarray(pb[s:s + 16384]))
+            for s in range(0, ba.npages, 4096):
+                n = min(4096, ba.npages - s)
+                if not (ba.written[s:s + n].any() or bb.written[s:s + n].any()):
+                    continue
+                d = np.flatnonzero((ba.read_pages(s, n) != bb.read_pages(s, n))
                                    .any(axis=1)) + s
                 count += int(d.size)
                 if len(diff_pages) < args.limit:
                     diff_pages += d[:args.limit - len(diff_pages)].tolist()
             differ |= count > 0
-            blocks.append({"name": name, "pages": pa.shape[0], "differing_pages": count,
+            blocks.append({"name": name, "pages": ba.npages, "differing_pages": count,
                            "first_offsets": [p * P for p in diff_pages]})
     if args.json:
         json.dump({"a": args.a, "b": args.b, "identical": not differ, "ramblocks": blocks},
@@ -390,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, metavar="OUT",
                     help="output directory (raw) or file (elf, raw-physical)")
     sp.add_argument("--format", choices=["raw", "elf", "raw-physical"], default="raw")
+    sp.add_argument("--hash", action="store_true",
+                    help="record each block's SHA-256 in manifest.json (reads every byte)")
     sp.set_defaults(func=cmd_extract)
 
     sp = sub.add_parser("convert", help="re-encode canonically (layout, zero pages, page sizes)",

@@ -22,8 +22,27 @@ from .records import (CompressedPage, MappedRamArea, PageRun, RamBlockEntry, Ram
 from .wire import RamFlag
 
 
+_IOV = 1024                      # iovecs per pwritev call (Linux IOV_MAX)
+_ZEROS = bytes(1 << 20)
+
+
+def _runs(idx: np.ndarray):
+    """(first, last+1) pairs of consecutive values in a sorted index array."""
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [idx.size]))
+    return list(zip(idx[starts].tolist(), (idx[ends - 1] + 1).tolist(), starts.tolist()))
+
+
 class RamBlock:
-    """One RAMBlock of the image: name, size, page sizes, guest address, content."""
+    """One RAMBlock of the image: name, size, page sizes, guest address, content.
+
+    Content lives in a sparse file written with positional writes (page data
+    goes straight from the input buffer to the page cache, so resident memory
+    stays bounded whatever the guest size); ``array()`` maps it for readers.
+    """
 
     def __init__(self, name: str, size: int, target_page_size: int, path: str,
                  host_page_size: Optional[int] = None, gpa: Optional[int] = None,
@@ -35,16 +54,14 @@ class RamBlock:
         self.gpa = gpa
         self.addr = addr
         self.path = path
-        with open(path, "wb") as f:
-            f.truncate(size)
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(size,)) if size else \
-            np.zeros(0, dtype=np.uint8)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self._fd, size)
+        self._map: Optional[np.ndarray] = None
         npages = size // target_page_size
         self.written = np.zeros(npages, dtype=bool)     # page holds non-hole data
         self.sent = np.zeros(npages, dtype=bool)        # page named by some record
         self.counts: Dict[str, int] = {"zero": 0, "page": 0, "xbzrle": 0, "compressed": 0,
                                        "mapped": 0}
-        # mapped-ram state
         self.mapped_ram = None                          # mapped-ram header, if any
         self.bitmap = bytearray()
         self.present: Optional[np.ndarray] = None
@@ -54,40 +71,114 @@ class RamBlock:
         """The block's page size: its host page size when known, else the target's."""
         return self.host_page_size or self.target_page_size
 
-    def pages(self) -> np.ndarray:
-        """(npages, page size) view of the content."""
-        P = self.target_page_size
-        return self._mm[: self.size // P * P].reshape(-1, P)
+    @property
+    def npages(self) -> int:
+        return self.written.shape[0]
 
-    def array(self) -> np.ndarray:
-        """Read-only numpy view of the whole block."""
-        v = self._mm.view()
-        v.flags.writeable = False
-        return v
-
+    # -- reading
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(f"read of {length} bytes at 0x{offset:x} is outside block "
                              f"{self.name!r} (size 0x{self.size:x})")
-        return self._mm[offset:offset + length].tobytes()
+        parts, done = [], 0
+        while done < length:
+            chunk = os.pread(self._fd, length - done, offset + done)
+            if not chunk:
+                raise OSError(f"short read from {self.path}")
+            parts.append(chunk)
+            done += len(chunk)
+        return b"".join(parts)
 
+    def read_pages(self, first: int, count: int) -> np.ndarray:
+        """(count, page size) copy of pages ``first`` .. ``first+count-1``."""
+        P = self.target_page_size
+        return np.frombuffer(self.read(first * P, count * P), dtype=np.uint8).reshape(count, P)
+
+    def array(self) -> np.ndarray:
+        """Read-only numpy view of the whole block (memory-mapped, lazily paged)."""
+        if self._map is None:
+            if self.size == 0:
+                self._map = np.zeros(0, dtype=np.uint8)
+            else:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.size,))
+        return self._map
+
+    def pages(self) -> np.ndarray:
+        """(npages, page size) read-only view of the content."""
+        P = self.target_page_size
+        return self.array()[: self.npages * P].reshape(-1, P)
+
+    # -- writing
     def write(self, offset: int, data) -> None:
         """Overwrite guest memory (e.g. before re-encoding with new content)."""
-        data = np.frombuffer(bytes(data), dtype=np.uint8)
-        if offset < 0 or offset + data.size > self.size:
-            raise UsageError(f"write of {data.size} bytes at 0x{offset:x} is outside block "
+        data = memoryview(bytes(data))
+        if offset < 0 or offset + len(data) > self.size:
+            raise UsageError(f"write of {len(data)} bytes at 0x{offset:x} is outside block "
                              f"{self.name!r} (size 0x{self.size:x})")
-        self._mm[offset:offset + data.size] = data
+        self._pwrite(data, offset)
         P = self.target_page_size
-        first, last = offset // P, (offset + max(data.size, 1) - 1) // P
+        first, last = offset // P, (offset + max(len(data), 1) - 1) // P
         self.written[first:last + 1] = True
 
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def write_pages(self, idx: np.ndarray, data: np.ndarray) -> None:
+        """Write page rows ``data[k]`` at page indices ``idx[k]`` (sorted or not).
+
+        Rows may be strided views of the input buffer: consecutive pages go out
+        in one pwritev without an intermediate copy.
+        """
+        P = self.target_page_size
+        order = None
+        if idx.size > 1 and np.any(np.diff(idx) <= 0):
+            order = np.argsort(idx, kind="stable")
+            idx, data = idx[order], data[order]
+            # last write wins for repeated pages within one run
+            keep = np.concatenate((idx[1:] != idx[:-1], [True]))
+            idx, data = idx[keep], data[keep]
+        for first, end, k in _runs(idx):
+            n = end - first
+            rows = data[k:k + n]
+            if rows.strides[0] == P and rows.flags.c_contiguous:
+                self._pwrite(rows.reshape(-1), first * P)
+                continue
+            off = first * P
+            for j in range(0, n, _IOV):
+                batch = [memoryview(r) for r in rows[j:j + _IOV]]
+                want = len(batch) * P
+                got = os.pwritev(self._fd, batch, off)
+                if got != want:                       # rare: finish page by page
+                    for r_i, r in enumerate(batch):
+                        self._pwrite(r, off + r_i * P)
+                off += want
+        self.written[idx] = True
+
+    def zero_pages(self, idx: np.ndarray) -> None:
+        """Make pages zero; pages that were never written are holes already."""
+        P = self.target_page_size
+        hit = idx[self.written[idx]]
+        if not hit.size:
+            return
+        for first, end, _ in _runs(np.unique(hit)):
+            off, left = first * P, (end - first) * P
+            while left:
+                n = min(left, len(_ZEROS))
+                self._pwrite(memoryview(_ZEROS)[:n], off)
+                off, left = off + n, left - n
+        self.written[hit] = False
+
     def flush(self) -> None:
-        if isinstance(self._mm, np.memmap):
-            self._mm.flush()
+        pass
 
     def close(self) -> None:
-        self._mm = np.zeros(0, dtype=np.uint8)
+        self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __repr__(self) -> str:
         return f"RamBlock({self.name!r}, size=0x{self.size:x}, page_size={self.page_size})"
@@ -126,26 +217,30 @@ class MemoryImage:
             blk = self.blocks[rec.block]
             P = blk.target_page_size
             idx = (np.asarray(rec.page_offsets) // np.uint64(P)).astype(np.intp)
-            pages = blk.pages()
             blk.sent[idx] = True
             if rec.kind == RamFlag.ZERO:
                 blk.counts["zero"] += rec.count
-                hit = idx[blk.written[idx]]
-                if hit.size:
-                    pages[hit] = 0
-                    blk.written[hit] = False
+                blk.zero_pages(idx)
             else:
                 blk.counts["page"] += rec.count
-                pages[idx] = rec.data
-                blk.written[idx] = True
+                data = rec.data
+                nz = _nonzero_rows(data)
+                if nz.all():
+                    blk.write_pages(idx, data)
+                else:
+                    # all-zero pages sent in full (zero-page-detection=none)
+                    # stay holes: zero them only where data was written before
+                    blk.zero_pages(idx[~nz])
+                    if nz.any():
+                        blk.write_pages(idx[nz], data[nz])
         elif isinstance(rec, XbzrlePage):
             blk = self.blocks[rec.block]
             P = blk.target_page_size
             i = rec.page_offset // P
-            page = blk.pages()[i]
+            page = bytearray(blk.read(i * P, P))
             data_at = rec.offset + 8 + (1 + len(rec.block) if rec.named else 0) + 3
             xbzrle.decode(rec.encoded, page, offset=data_at)
-            blk.written[i] = True
+            blk.write(i * P, page)
             blk.sent[i] = True
             blk.counts["xbzrle"] += 1
         elif isinstance(rec, CompressedPage):
@@ -160,8 +255,7 @@ class MemoryImage:
                 raise StreamError("compressed page inflates to the wrong size",
                                   offset=rec.offset, section="ram", expected=P, found=len(raw))
             i = rec.page_offset // P
-            blk.pages()[i] = np.frombuffer(raw, dtype=np.uint8)
-            blk.written[i] = True
+            blk.write(i * P, raw)
             blk.sent[i] = True
             blk.counts["compressed"] += 1
         elif isinstance(rec, RamMemSize):
@@ -188,23 +282,30 @@ class MemoryImage:
         elif start >= h.pages_offset:
             first = (start - h.pages_offset) // P
             n = data.shape[0] // P
-            sel = blk.present[first:first + n]
-            if sel.any():
-                src = data[: n * P].reshape(n, P)[sel]
-                nz = src.any(axis=1)             # keep holes for zero pages
-                idx = np.flatnonzero(sel)[nz] + first
-                blk.pages()[idx] = src[nz]
-                blk.written[idx] = True
+            sel = np.flatnonzero(blk.present[first:first + n])
+            if sel.size:
+                blk.write_pages(sel + first, data[: n * P].reshape(n, P)[sel]
+                                if sel.size < n else data[: n * P].reshape(n, P))
 
     def flush(self) -> None:
-        for b in self.blocks.values():
-            b.flush()
+        pass
 
     def close(self) -> None:
         for b in self.blocks.values():
             b.close()
         if self._own and not self.keep:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _nonzero_rows(data: np.ndarray) -> np.ndarray:
+    """Which page rows hold a non-zero byte; cheap for the usual non-zero page
+    (its first or last 8 bytes decide), a full scan only for the rest."""
+    head = data[:, :8].any(axis=1) | data[:, -8:].any(axis=1)
+    if head.all():
+        return head
+    rest = np.flatnonzero(~head)
+    head[rest] = data[rest].any(axis=1)
+    return head
 
 
 def block_file_name(name: str) -> str:

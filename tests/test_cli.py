@@ -240,7 +240,7 @@ def test_info_text(capsys, fx, name):
 
 def test_info_hash_matches_extracted_files(capsys, fx, tmp_path):
     info = run_json(capsys, "info", fx("pc-plain"), "--hash")
-    man = run_json(capsys, "extract", fx("pc-plain"), "-o", tmp_path / "x")
+    man = run_json(capsys, "extract", fx("pc-plain"), "-o", tmp_path / "x", "--hash")
     for b, m in zip(info["ramblocks"], man["ramblocks"]):
         assert b["sha256"] == m["sha256"] == sha_file(tmp_path / "x" / m["file"]), b["name"]
 
@@ -424,7 +424,7 @@ def test_stdin_convert_equals_file_convert(fx, tmp_path):
 def test_extract_matches_ground_truth(capsys, fx, tmp_path, name):
     e = FX[name]
     out = tmp_path / "ram"
-    man = run_json(capsys, "extract", fx(name), "-o", out)
+    man = run_json(capsys, "extract", fx(name), "-o", out, "--hash")
     files = {m["name"]: m["file"] for m in man["ramblocks"]}
     assert list(files) == [b["name"] for b in e["ramblocks"]]
     assert sorted(p.name for p in out.iterdir()) == sorted([*files.values(), "manifest.json"])
