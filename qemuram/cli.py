@@ -78,14 +78,18 @@ def _input_size(path: str) -> Optional[int]:
         return None
 
 
-def _open(args, *, verify=False, workdir=None, file_names=None):
-    from .stream import open as qopen
+def _open(args, *, verify=False, workdir=None, file_names=None, content=True):
+    from .stream import open as qopen, verify as qverify
     if args.stream != "-" and not os.path.exists(args.stream):
         raise UsageError(f"no such file: {args.stream}")
     bps = {k: _size(v) for k, v in _pairs(getattr(args, "block_page_size", None),
                                            "--block-page-size").items()}
     prog = Progress("decoding", _input_size(args.stream), getattr(args, "progress", None))
     try:
+        if not content:
+            return qverify(args.stream, page_size=getattr(args, "page_size", None),
+                           block_page_sizes=bps or None, snapshot=getattr(args, "snapshot", None),
+                           progress=prog)
         return qopen(args.stream, page_size=getattr(args, "page_size", None),
                      block_page_sizes=bps or None, snapshot=getattr(args, "snapshot", None),
                      workdir=workdir, file_names=file_names, verify=verify, progress=prog)
@@ -176,7 +180,7 @@ def cmd_info(args) -> int:
 def cmd_verify(args) -> int:
     result = {"stream": args.stream, "valid": False, "roundtrip": False}
     try:
-        with _open(args, verify=True) as st:
+        with _open(args, content=False) as st:
             result.update(valid=True, roundtrip=bool(st.roundtrip), format=st.format,
                           machine=st.machine, page_size=st.page_size, stream_size=st.size,
                           ramblocks=len(st.ram), notes=st.notes)

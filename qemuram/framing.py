@@ -113,6 +113,7 @@ class Decoder:
         self._base = 0               # absolute offset of _buf[0]
         self._eof = False
         self._pending: List[bytes] = []
+        self._spare: Optional[bytearray] = None
         self._pending_len = 0
         self._want = 0                 # bytes from _pos the current record needs
         self._state = "header"
@@ -162,6 +163,42 @@ class Decoder:
 
     def feed_eof(self) -> None:
         self._eof = True
+
+    def fill(self, readinto, size: int) -> int:
+        """Read new input with ``readinto`` straight into a buffer that already
+        holds the unconsumed tail: the file adapter's fast path.  Buffers have
+        a fixed size so two of them are reused in turn (no fresh memory to
+        fault in per read); records from before the previous read must have
+        been consumed, as the decoder's contract says.  Returns the number of
+        bytes read; 0 means end of input."""
+        if self._eof:
+            raise UsageError("fill() after feed_eof()")
+        self._join_pending()
+        rest = len(self._buf) - self._pos
+        total = max(size, rest + (1 << 20), self._want)
+        spare = self._spare
+        if spare is not None and len(spare) == total and spare is not self._buf:
+            new = spare
+        else:
+            new = bytearray(total)
+        new[:rest] = memoryview(self._buf)[self._pos:]
+        view = memoryview(new)
+        got = 0
+        while got < total - rest:
+            n = readinto(view[rest + got:]) or 0
+            if n == 0:
+                break
+            got += n
+        view.release()
+        old = self._buf
+        self._base += self._pos
+        self._pos = 0
+        if got == total - rest:
+            self._buf = new
+            self._spare = old if isinstance(old, bytearray) else None
+        else:
+            self._buf = bytes(new[:rest + got])
+        return got
 
     @property
     def offset(self) -> int:

@@ -69,12 +69,17 @@ def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int =
             if options["vmdesc"] is None:
                 options.pop("vmdesc")
         decoder = Decoder(**options)
+    readinto = getattr(f, "readinto", None) if is_seekable(f) else None
     read = getattr(f, "read1", None) or f.read
     while True:
         ev = decoder.next_event()
         if ev is None:
             return
         if ev is NEED_DATA:
+            if readinto is not None:
+                if not decoder.fill(readinto, chunk):
+                    decoder.feed_eof()
+                continue
             data = read(chunk)
             if not data:
                 decoder.feed_eof()

@@ -470,6 +470,51 @@ def encode_page_run(run: PageRun, page_size: int) -> bytes:
     return head + out.tobytes()
 
 
+def page_run_matches(run: PageRun, buf, start: int, page_size: int) -> Optional[int]:
+    """Length of ``run``'s encoding if it equals ``buf[start:]``, else None.
+
+    The lossless check without building the bytes: record headers (and the
+    block name of a named first record) are encoded as ``encode_page_run``
+    would and compared with the input's header fields in place; page
+    payloads are compared by identity, since a decoded run's data is a view of
+    exactly those input bytes (anything else is compared byte by byte).
+    """
+    n = run.count
+    stride = 9 if run.kind == RamFlag.ZERO else 8 + page_size
+    pos = start
+    k = 0
+    if run.named:
+        first = encode_page_run(PageRun(run.kind, run.block, run.page_offsets[:1], True,
+                                        None if run.data is None else run.data[:1]), page_size)
+        if bytes(buf[pos:pos + len(first)]) != first:
+            return None
+        pos += len(first)
+        k = 1
+    m = n - k
+    if m == 0:
+        return pos - start
+    if len(buf) - pos < m * stride:
+        return None
+    want = (np.asarray(run.page_offsets[k:], dtype=np.uint64)
+            | np.uint64(int(run.kind) | RamFlag.CONTINUE))
+    got = np.ndarray((m,), dtype=">u8", buffer=buf, offset=pos, strides=(stride,))
+    if not np.array_equal(got.astype(np.uint64), want):
+        return None
+    if run.kind == RamFlag.ZERO:
+        fill = np.ndarray((m,), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride,))
+        if fill.any():
+            return None
+    else:
+        data = run.data[k:]
+        src = np.ndarray((m, page_size), dtype=np.uint8, buffer=buf, offset=pos + 8,
+                         strides=(stride, 1))
+        same_memory = (data.__array_interface__["data"][0] == src.__array_interface__["data"][0]
+                       and data.strides == src.strides)
+        if not same_memory and not np.array_equal(data, src):
+            return None
+    return pos + m * stride - start
+
+
 def encode_ram_record(rec, page_size: Optional[int]) -> bytes:
     if isinstance(rec, PageRun):
         return encode_page_run(rec, page_size)
