@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Re-encode a stream the way QEMU 10 writes a paused guest, "
                                     "keeping device state. OUT may be '-' for stdout.")
     common(sp)
-    sp.add_argument("output", metavar="OUT")
+    sp.add_argument("output", metavar="OUT", help="output stream file ('-' for stdout)")
     sp.add_argument("--to", choices=["sequential", "mapped-ram"], default=None,
                     help="output layout (default: the input's)")
     sp.add_argument("--zero-pages", choices=["records", "full"], default=None,
