@@ -1,11 +1,11 @@
-"""XBZRLE page delta encoding, bit-compatible with QEMU's generic encoder.
+"""XBZRLE page delta encoding, bit-compatible with both of QEMU's encoders.
 
 An encoded page is a list of pairs: a ULEB128 count of bytes that did not
 change, a ULEB128 count of bytes that did, then those changed bytes.  QEMU's
 lengths are at most two ULEB128 bytes (14 bits), on both sides of the wire.
 
 What the generic (non-AVX512) encoder in QEMU's migration/xbzrle.c really
-emits, which is what ``encode`` reproduces:
+emits, which is what ``encode`` reproduces by default:
 
 * Runs are maximal.  Its word-at-a-time compare only skips whole words that
   are all-equal (zero run) or all-different (non-zero run, detected with the
@@ -21,19 +21,106 @@ emits, which is what ``encode`` reproduces:
 * A run longer than 0x3fff that would have to be written trips an assertion
   in QEMU (it cannot happen for pages up to 8 KiB).  There is no valid
   encoding, so ``encode`` reports overflow.
+
+QEMU built with AVX512BW support uses another encoder when the host CPU (and
+its OS) can run AVX512BW code.  It walks the page in 64-byte blocks (the last
+one short when the size is not a multiple of 64) and tracks runs with
+per-block equality masks.  ``encode(..., variant="avx512")`` reproduces it:
+
+* The pairs are the same as the generic encoder's: runs are carried across
+  block boundaries, so they stay maximal, the unchanged tail is not written,
+  an unchanged page gives 0 bytes, and a run over 0x3fff that must be written
+  makes the page unencodable.
+* Only the room checks differ.  It wants 2 bytes of room at the start of
+  every block and after every changed run that ends inside a block, but not
+  after a changed run that ends exactly where a block starts: that run is
+  written out while the next block is scanned, after that block's check.
+  When it ends where the last block starts and the rest of the page is
+  unchanged, nothing is checked after it, so an output of page size - 1 or
+  page size is accepted there (the generic encoder calls it an overflow).
+  In every other case the two encoders agree on overflow as well.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
 from typing import Optional, Tuple
 
 import numpy as np
 
 from .errors import UsageError, XBZRLEError
 
-__all__ = ["encode", "decode", "uleb128_encode", "uleb128_decode", "ULEB128_MAX"]
+__all__ = ["encode", "decode", "host_variant", "uleb128_encode", "uleb128_decode",
+           "ULEB128_MAX", "VARIANTS"]
 
 ULEB128_MAX = 0x3FFF
 """Largest run length QEMU can write or read (two ULEB128 bytes)."""
+
+VARIANTS = ("generic", "avx512")
+"""QEMU's encoders: the word-at-a-time one, and the AVX512BW one."""
+
+_AVX512_BLOCK = 64
+
+
+# XSAVE state components an AVX512 encoder needs the OS to save: SSE and AVX
+# registers, opmask registers and the upper/extra ZMM registers.
+_XSTATE_SSE_AVX = 0x06
+_XSTATE_AVX512 = 0xE0
+_ARCH_GET_XCOMP_SUPP = 0x1021  # arch_prctl code, Linux >= 5.16
+_SYS_ARCH_PRCTL_X86_64 = 158
+
+
+def _cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _os_xstate_mask() -> Optional[int]:
+    """The XSAVE components the kernel enables for user code (what QEMU's
+    XGETBV reads, minus components the kernel does not support), or None
+    when the kernel cannot tell."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mask = ctypes.c_uint64(0)
+        if libc.syscall(_SYS_ARCH_PRCTL_X86_64, _ARCH_GET_XCOMP_SUPP,
+                        ctypes.byref(mask)) != 0:
+            return None
+        return mask.value
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def host_variant() -> str:
+    """Which XBZRLE encoder a QEMU built with AVX512BW support picks on this
+    machine: ``"avx512"`` or ``"generic"``.
+
+    QEMU takes the AVX512 one when the CPU has AVX and AVX512BW, the OS has
+    enabled XSAVE, and the OS saves the SSE, AVX and AVX512 register state
+    (XCR0).  From user space: the kernel's CPU flags (it drops ``avx`` and
+    the ``avx512*`` flags when it does not manage their state, and the
+    OSXSAVE bit itself is not listed) and, where the kernel reports them,
+    the XSAVE components it enables.  A QEMU built without AVX512BW support
+    always uses the generic encoder; Debian's QEMU 10 has it.
+    """
+    flags = _cpu_flags()
+    if not {"xsave", "avx", "avx512bw"} <= flags:
+        return "generic"
+    mask = _os_xstate_mask()
+    wanted = _XSTATE_SSE_AVX | _XSTATE_AVX512
+    if mask is not None and mask & wanted != wanted:
+        return "generic"
+    return "avx512"
 
 
 def uleb128_encode(n: int) -> bytes:
@@ -102,7 +189,7 @@ _FEW_RUNS = 32
 """Up to this many runs a plain loop beats numpy's per-call cost."""
 
 
-def encode(old, new) -> Optional[bytes]:
+def encode(old, new, *, variant: str = "generic") -> Optional[bytes]:
     """Delta of ``new`` against ``old``, byte-equal to QEMU's output.
 
     ``b""`` means unchanged (QEMU does not send the page) and ``None`` means
@@ -111,7 +198,14 @@ def encode(old, new) -> Optional[bytes]:
     With 64 KiB pages an output of exactly 65536 bytes is possible, and
     does not fit the record's be16 length (QEMU would write 0): writers
     must treat it as overflow.
+
+    ``variant`` picks which of QEMU's encoders to reproduce: ``"generic"``
+    or ``"avx512"`` (see the module docstring; ``host_variant()`` names the
+    one a QEMU on this machine uses).
     """
+    if variant not in VARIANTS:
+        raise UsageError(f"unknown XBZRLE encoder variant {variant!r}; "
+                         f"expected one of {', '.join(VARIANTS)}")
     a = _as_u8(old)
     b = _as_u8(new)
     size = a.size
@@ -122,6 +216,13 @@ def encode(old, new) -> Optional[bytes]:
     if size < 2:
         # QEMU's room check (2 bytes) runs before anything else.
         return None
+    if variant == "avx512":
+        # Where the last (maybe short) 64-byte block starts: a changed run
+        # ending there is written after that block's room check, and no
+        # other check follows if the block is unchanged.
+        lax_end = (size - 1) // _AVX512_BLOCK * _AVX512_BLOCK
+    else:
+        lax_end = -1  # only a run that ends the page may fill it
     diff = a != b
     if not diff.any():
         return b""
@@ -134,11 +235,18 @@ def encode(old, new) -> Optional[bytes]:
     if edges.size // 2 * 3 > size:
         return None  # every pair costs at least 3 bytes
     if edges.size <= 2 * _FEW_RUNS:
-        return _assemble_few(edges.tolist(), b, size)
-    return _assemble_many(edges, b, diff, size)
+        return _assemble_few(edges.tolist(), b, size, lax_end)
+    return _assemble_many(edges, b, diff, size, lax_end)
 
 
-def _assemble_few(edges, b: np.ndarray, size: int) -> Optional[bytes]:
+def _limit(size: int, last_end: int, lax_end: int) -> int:
+    """Longest output QEMU accepts when the last changed run ends at
+    ``last_end``: 2 bytes of room are wanted again after it unless it ends
+    the page (or, for the AVX512 encoder, ends at ``lax_end``)."""
+    return size if last_end == size or last_end == lax_end else size - 2
+
+
+def _assemble_few(edges, b: np.ndarray, size: int, lax_end: int) -> Optional[bytes]:
     data = memoryview(b)
     out = bytearray()
     prev_end = 0
@@ -153,13 +261,13 @@ def _assemble_few(edges, b: np.ndarray, size: int) -> Optional[bytes]:
                 return None
         out += data[start:end]
         prev_end = end
-    if len(out) > (size if prev_end == size else size - 2):
+    if len(out) > _limit(size, prev_end, lax_end):
         return None
     return bytes(out)
 
 
 def _assemble_many(edges: np.ndarray, b: np.ndarray, diff: np.ndarray,
-                   size: int) -> Optional[bytes]:
+                   size: int, lax_end: int) -> Optional[bytes]:
     starts = edges[0::2]
     ends = edges[1::2]
     nz = ends - starts
@@ -170,7 +278,7 @@ def _assemble_many(edges: np.ndarray, b: np.ndarray, diff: np.ndarray,
     nl = 1 + (nz >= 0x80)
     pair_len = zl + nl + nz
     total = int(pair_len.sum())
-    if total > (size if int(ends[-1]) == size else size - 2):
+    if total > _limit(size, int(ends[-1]), lax_end):
         return None
     out = np.empty(total, dtype=np.uint8)
     is_data = np.ones(total, dtype=bool)
