@@ -81,21 +81,12 @@ def _read_exact(f: BinaryIO, offset: int, n: int, what: str) -> bytes:
     return data
 
 
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of ``length`` bytes of ``f`` from ``base``.
+class _PositionedReader(io.RawIOBase):
+    """Read-only, seekable raw reader over ``length`` bytes; subclasses
+    implement ``readinto`` from ``self._pos``."""
 
-    Each read seeks ``f`` first, so several windows (and the container itself)
-    can share one underlying file. ``base_offset`` tells where byte 0 of the
-    window is in the container file.
-    """
-
-    def __init__(self, f: BinaryIO, base: int, length: int, owns: bool = False):
-        super().__init__()
-        self._f = f
-        self.base_offset = base
-        self._len = length
-        self._pos = 0
-        self._owns = owns
+    length = 0
+    _pos = 0
 
     def readable(self) -> bool:
         return True
@@ -114,7 +105,7 @@ class _Window(io.RawIOBase):
         elif whence == io.SEEK_CUR:
             new = self._pos + offset
         elif whence == io.SEEK_END:
-            new = self._len + offset
+            new = self.length + offset
         else:
             raise ValueError(f"invalid whence {whence}")
         if new < 0:
@@ -122,9 +113,26 @@ class _Window(io.RawIOBase):
         self._pos = new
         return new
 
+
+class _Window(_PositionedReader):
+    """A read-only, seekable view of ``length`` bytes of ``f`` from ``base``.
+
+    Each read seeks ``f`` first, so several windows (and the container itself)
+    can share one underlying file. ``base_offset`` tells where byte 0 of the
+    window is in the container file.
+    """
+
+    def __init__(self, f: BinaryIO, base: int, length: int, owns: bool = False):
+        super().__init__()
+        self._f = f
+        self.base_offset = base
+        self.length = length
+        self._pos = 0
+        self._owns = owns
+
     def readinto(self, b) -> int:
         self._checkClosed()
-        n = min(len(b), self._len - self._pos)
+        n = min(len(b), self.length - self._pos)
         if n <= 0:
             return 0
         data = _pread(self._f, self.base_offset + self._pos, n)
@@ -719,7 +727,7 @@ class Qcow2VMState(Container):
         return struct.unpack(f">{snap.l1_size}Q", _pread(self._f, off, nbytes))
 
 
-class Qcow2StreamReader(io.RawIOBase):
+class Qcow2StreamReader(_PositionedReader):
     """Seekable read-only view of one snapshot's VM state."""
 
     _L2_CACHE = 16
@@ -739,31 +747,6 @@ class Qcow2StreamReader(io.RawIOBase):
         self._csize_mask = (1 << (cb - 8)) - 1
         self._coffset_mask = (1 << self._csize_shift) - 1
         self._zcache: Tuple[int, bytes] = (-1, b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        self._checkClosed()
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._checkClosed()
-        if whence == io.SEEK_SET:
-            new = offset
-        elif whence == io.SEEK_CUR:
-            new = self._pos + offset
-        elif whence == io.SEEK_END:
-            new = self.length + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if new < 0:
-            raise ValueError(f"negative seek position {new}")
-        self._pos = new
-        return new
 
     def readinto(self, b) -> int:
         self._checkClosed()
