@@ -123,3 +123,42 @@ def test_page_offset_not_aligned_to_the_page_size():
     with pytest.raises(qemuram.PageOutOfRange) as exc:
         qemuram.open(io.BytesIO(bytes(bad)))
     assert exc.value.offset == at
+
+
+def _advised_stream(last_block_addr):
+    """postcopy advised (summary 4 KiB | 2 MiB) + x-ignore-shared + a multifd
+    flush in the setup: the one layout where the optional page-size field can
+    be read two ways when a block's address happens to equal 2 MiB."""
+    from qemuram.records import CommandRecord, RamMultifdFlush, build_capabilities
+    P = 4096
+    recs = [
+        Header(),
+        Configuration("pc-q35-10.0", [ConfigSubsection("configuration/capabilities", 1,
+                                                       build_capabilities(["x-ignore-shared"]))]),
+        CommandRecord(3, (0x201000).to_bytes(8, "big") + P.to_bytes(8, "big")),
+        SectionHeader(SectionType.START, 0, "ram", 0, 4),
+        RamMemSize(0x400000 + P, [RamBlockInfo("pc.ram", 0x400000, None, 0),
+                                  RamBlockInfo("dimm0", P, None, last_block_addr)]),
+        RamMultifdFlush(), RamEos(), SectionFooter(0),
+        EndOfStream(),
+    ]
+    return b"".join(encode_record(r, P) for r in recs)
+
+
+def test_ambiguous_postcopy_page_size_field_needs_the_callers_word():
+    raw = _advised_stream(0x200000)
+    with pytest.raises(qemuram.PageSizeError) as exc:
+        qemuram.open(io.BytesIO(raw))
+    assert "block_page_sizes" in str(exc.value)
+    # The caller states the block's page size: each reading is then unique.
+    with qemuram.open(io.BytesIO(raw), block_page_sizes={"dimm0": 4096}, verify=True) as st:
+        assert st.roundtrip
+        assert st.ram["dimm0"].host_page_size is None and st.ram["dimm0"].addr == 0x200000
+    with qemuram.open(io.BytesIO(raw), block_page_sizes={"dimm0": 0x200000}) as st:
+        assert st.ram["dimm0"].host_page_size == 0x200000 and st.ram["dimm0"].addr == 0x200
+
+
+def test_unambiguous_when_the_address_is_no_page_size():
+    raw = _advised_stream(0x300000)
+    with qemuram.open(io.BytesIO(raw), verify=True) as st:
+        assert st.roundtrip and st.ram["dimm0"].addr == 0x300000
