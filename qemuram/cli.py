@@ -72,8 +72,15 @@ def _pairs(items: Optional[List[str]], what: str) -> Dict[str, str]:
 
 
 def _input_size(path: str) -> Optional[int]:
+    """Stream size for a percentage, when the file is the stream itself."""
     try:
-        return os.path.getsize(path) if path != "-" else None
+        if path == "-":
+            return None
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"QEVM":          # compressed or a container: size unknown
+            return None
+        return os.path.getsize(path)
     except OSError:
         return None
 
