@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import gc
+    gc.disable()        # short-lived process, few cycles: collections only cost time
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
