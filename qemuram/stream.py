@@ -98,18 +98,10 @@ def verify(src, *, page_size: Optional[int] = None,
     XBZRLE and compressed pages are still decoded (against a scratch page), so
     every record is proven to decode; only the final memory is not built.
     """
-    f, container = qio.open_input(src, snapshot=snapshot)
-    image = MemoryImage(content=False)
-    st = Stream()
-    st.container = container
-    st.image = image
-    try:
-        decode_into(f, st, image, page_size=page_size, block_page_sizes=block_page_sizes,
-                    progress=progress, check_roundtrip=True)
-    finally:
-        image.close()
-        if f is not src and hasattr(f, "close") and src not in ("-", None):
-            f.close()
+    st = _decode_source(src, MemoryImage(content=False), snapshot=snapshot, page_size=page_size,
+                        block_page_sizes=block_page_sizes, progress=progress,
+                        check_roundtrip=True)
+    st.image.close()
     return st
 
 
@@ -123,14 +115,24 @@ def open(src, *, page_size: Optional[int] = None,
     result is returned.  With ``verify=True`` every record is re-encoded and
     compared with the input bytes it came from (``Stream.roundtrip``).
     """
-    f, container = qio.open_input(src, snapshot=snapshot)
     image = MemoryImage(workdir, keep=workdir is not None, file_names=file_names)
+    return _decode_source(src, image, snapshot=snapshot, page_size=page_size,
+                          block_page_sizes=block_page_sizes, progress=progress,
+                          check_roundtrip=verify)
+
+
+def _decode_source(src, image: MemoryImage, *, snapshot, **options) -> Stream:
+    """Open the input (unwrapping containers), decode it into ``image``; on any
+    error the image is removed before the error propagates."""
     st = Stream()
-    st.container = container
     st.image = image
     try:
-        decode_into(f, st, image, page_size=page_size, block_page_sizes=block_page_sizes,
-                    progress=progress, check_roundtrip=verify)
+        f, st.container = qio.open_input(src, snapshot=snapshot)
+    except BaseException:
+        image.close()
+        raise
+    try:
+        decode_into(f, st, image, **options)
     except BaseException:
         image.close()
         raise
