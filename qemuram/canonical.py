@@ -21,11 +21,9 @@ import numpy as np
 from . import mapped_ram
 from .errors import UsageError
 from .framing import encode_record
-from .image import RamBlock
-from .records import (CommandRecord, ConfigSubsection, Configuration, EndOfStream, Header,
-                      OpaquePayload, PackageEnd, PageRun, RamBlockEntry, RamBlockInfo, RamEos,
-                      RamMemSize, RamMultifdFlush, SectionFooter, SectionHeader, VMDescription,
-                      build_capabilities)
+from .records import (CommandRecord, ConfigSubsection, Configuration, PageRun, RamBlockEntry,
+                      RamBlockInfo, RamEos, RamMemSize, RamMultifdFlush, SectionFooter,
+                      SectionHeader, VMDescription, build_capabilities)
 from .stream import RamSectionSummary, Stream
 from .wire import Command, RamFlag, SectionType
 

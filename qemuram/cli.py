@@ -230,7 +230,6 @@ def cmd_extract(args) -> int:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.qemuram-", dir=parent)
     try:
         with _open(args, workdir=tmp) as st:
-            from .image import block_file_name
             manifest = {"stream": args.stream, "format": st.format, "machine": st.machine,
                         "page_size": st.page_size, "capabilities": st.capabilities,
                         "ramblocks": []}

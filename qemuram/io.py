@@ -10,8 +10,6 @@ import io
 import os
 from typing import BinaryIO, Iterator, Optional
 
-from . import vmstate
-from .errors import StreamError, TruncatedStream
 from .framing import NEED_DATA, Decoder, find_vmdesc, parse_vmdesc_at
 from .wire import MAX_VMDESC
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import mapped_ram
-from .errors import (DuplicateBlock, MappedRamError, PageOutOfRange, PageSizeError,
+from .errors import (DuplicateBlock, PageOutOfRange, PageSizeError,
                      StreamError, UnknownBlock, UnknownFlags, XBZRLEError, BadZeroPage)
 from .records import (CompressedPage, MappedRamArea, PageRun, RamBlockEntry, RamBlockInfo,
                       RamEos, RamMemSize, RamMultifdFlush, XbzrlePage)

@@ -1,20 +1,18 @@
 """``qemuram.open``: decode a whole stream into a memory image plus its non-RAM parts."""
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from . import io as qio
 from .framing import Decoder, encode_record
-from .ram import page_run_matches
 from .image import MemoryImage, RamBlock
-from .records import (CommandRecord, Configuration, EndOfStream, Header, MappedRamArea,
-                      OpaquePayload, PackageEnd, PageRun, RamBlockEntry, RamEos, RamMemSize,
-                      RamMultifdFlush, SectionFooter, SectionHeader, VMDescription,
-                      XbzrlePage, CompressedPage)
-from .wire import Command, RamFlag, SectionType
+from .ram import page_run_matches
+from .records import (CommandRecord, CompressedPage, Configuration, MappedRamArea,
+                      OpaquePayload, PageRun, RamBlockEntry, RamEos, RamMemSize,
+                      RamMultifdFlush, SectionFooter, SectionHeader, XbzrlePage)
+from .wire import RamFlag, SectionType
 
 RAM_RECORDS = (PageRun, XbzrlePage, CompressedPage, RamEos, RamMultifdFlush, RamMemSize,
                RamBlockEntry, MappedRamArea)

@@ -14,8 +14,6 @@ Cases whose failure is a known library bug are strict xfails with
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import gzip
 import hashlib
 import json
@@ -26,7 +24,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -36,8 +33,10 @@ import pytest
 
 try:
     from . import harness as h
+    from .matrix import hugetlb1g_lock      # one lock for every 1 GiB-page test
 except ImportError:  # run outside the package layout
     from tests.integration import harness as h
+    from tests.integration.matrix import hugetlb1g_lock
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +49,6 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096
 CHUNK = 64 * MiB
 #: The same lock file as tests/integration/matrix.py: only two 1 GiB pages exist.
-LOCK_1G = os.path.join(tempfile.gettempdir(), "qemuram-hugetlb1g.lock")
 
 
 class PostcopyAdviseNotRewritten(AssertionError):
@@ -258,29 +256,6 @@ def fix_postcopy_advise(src: Path, dst: Path, offset: int, summary: int) -> None
     assert data[offset] == 0x08 and struct.unpack(">HH", data[offset + 1:offset + 5]) == (3, 16)
     data[offset + 5:offset + 13] = struct.pack(">Q", summary)
     dst.write_bytes(bytes(data))
-
-
-@contextlib.contextmanager
-def hugetlb1g_lock(timeout: float = 900.0):
-    fd = os.open(LOCK_1G, os.O_RDWR | os.O_CREAT, 0o666)
-    t0 = time.monotonic()
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"{LOCK_1G} still locked after {timeout}s") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------
