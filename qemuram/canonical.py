@@ -21,6 +21,7 @@ import numpy as np
 from . import mapped_ram
 from .errors import UsageError
 from .framing import encode_record
+from .ram import page_run_parts
 from .records import (CommandRecord, ConfigSubsection, Configuration, PageRun, RamBlockEntry,
                       RamBlockInfo, RamEos, RamMemSize, RamMultifdFlush, SectionFooter,
                       SectionHeader, VMDescription, build_capabilities)
@@ -276,7 +277,10 @@ class CanonicalWriter:
                             run, pending = self._split(run, quota)
                         else:
                             pending = None
-                        sink.write(encode_record(run, self.P))
+                        head, body = page_run_parts(run, self.P)
+                        sink.write(head)
+                        if body is not None:
+                            sink.write(body.reshape(-1))
                         quota -= run.count
                         if progress:
                             progress(sink.pos)

@@ -439,11 +439,13 @@ def encode_block_info(b: RamBlockInfo) -> bytes:
     return bytes(out)
 
 
-def encode_page_run(run: PageRun, page_size: int) -> bytes:
-    """Bytes of a run of page records (numpy assembles all records at once)."""
+def page_run_parts(run: PageRun, page_size: int):
+    """(head, body) of a run's encoding: ``head`` the bytes of a named first
+    record (or b""), ``body`` a (records, record size) uint8 array of the
+    CONTINUE records (or None).  Writers send both without joining them."""
     n = run.count
     if n == 0:
-        return b""
+        return b"", None
     offs = np.asarray(run.page_offsets, dtype=np.uint64)
     flag = np.uint64(int(run.kind) | RamFlag.CONTINUE)
     head = b""
@@ -458,7 +460,7 @@ def encode_page_run(run: PageRun, page_size: int) -> bytes:
         start = 1
     m = n - start
     if m == 0:
-        return head
+        return head, None
     hdr = (offs[start:] | flag).astype(">u8").view(np.uint8).reshape(m, 8)
     if run.kind == RamFlag.ZERO:
         out = np.zeros((m, 9), dtype=np.uint8)
@@ -467,7 +469,13 @@ def encode_page_run(run: PageRun, page_size: int) -> bytes:
         out = np.empty((m, 8 + page_size), dtype=np.uint8)
         out[:, :8] = hdr
         out[:, 8:] = run.data[start:]
-    return head + out.tobytes()
+    return head, out
+
+
+def encode_page_run(run: PageRun, page_size: int) -> bytes:
+    """Bytes of a run of page records (numpy assembles all records at once)."""
+    head, body = page_run_parts(run, page_size)
+    return head if body is None else head + body.tobytes()
 
 
 def page_run_matches(run: PageRun, buf, start: int, page_size: int) -> Optional[int]:
