@@ -237,7 +237,6 @@ def cmd_extract(args) -> int:
                 d = _block_dict(b, args.hash)
                 d["file"] = os.path.basename(b.path)
                 manifest["ramblocks"].append(d)
-            st.image.flush()
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")

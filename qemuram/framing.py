@@ -551,7 +551,7 @@ class Decoder:
                                   "and no section footers", offset=self.abs(p), section=idstr)
             if not self._eof and len(self._buf) - p < (1 << 20):
                 raise _NeedData()
-            end = vmstate.footer_scan(self._buf, p, sid, self._plausible_record_after_footer)
+            end = vmstate.footer_scan(self._buf, p, sid, self._plausible_record)
             if end is None:
                 if not self._eof:
                         raise _NeedData()
@@ -570,9 +570,6 @@ class Decoder:
     def _footer_at(self, at: int, sid: int) -> bool:
         return (len(self._buf) - at >= 5 and self._buf[at] == SectionType.FOOTER
                 and self.be32(at + 1) == sid)
-
-    def _plausible_record_after_footer(self, at: int) -> bool:
-        return self._plausible_record(at)
 
     def _plausible_record(self, at: int) -> bool:
         """Does a valid record (or the end of input / package) start at ``at``?"""

@@ -169,9 +169,6 @@ class RamBlock:
                 off, left = off + n, left - n
         self.written[hit] = False
 
-    def flush(self) -> None:
-        pass
-
     def close(self) -> None:
         self._map = None
         if self._fd is not None:
@@ -330,9 +327,6 @@ class MemoryImage:
             if sel.size:
                 blk.write_pages(sel + first, data[: n * P].reshape(n, P)[sel]
                                 if sel.size < n else data[: n * P].reshape(n, P))
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> None:
         for b in self.blocks.values():

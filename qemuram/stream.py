@@ -212,7 +212,6 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_round
     if check_roundtrip:
         st.roundtrip = st.roundtrip_mismatch is None and st.size == dec.offset
     st.size = dec.offset
-    image.flush()
     st.ram = image.blocks
     _set_guest_addresses(st)
     return dec
