@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from . import mapped_ram
 from .errors import UsageError
 from .framing import encode_record
+from .image import _nonzero_rows, _runs, copy_pages
 from .ram import page_run_parts
 from .records import (CommandRecord, ConfigSubsection, Configuration, PageRun, RamBlockEntry,
                       RamBlockInfo, RamEos, RamMemSize, RamMultifdFlush, SectionFooter,
@@ -34,6 +35,23 @@ _SUBSECTION_ORDER = ["configuration/target-page-bits", "configuration/capabiliti
 _RUN_PAGES = 4096            # pages per PageRun while writing (bounds memory)
 
 
+class _Planned(Exception):
+    """Raised inside a planning write once the mapped-ram layout is known."""
+
+
+class _NullFile:
+    """Counts what would be written (planning the output layout)."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+    def seek(self, pos: int) -> int:
+        return pos
+
+    def truncate(self, pos: int) -> int:
+        return pos
+
+
 class Sink:
     """Output with a position; holes are skipped by seeking when the file allows."""
 
@@ -41,6 +59,18 @@ class Sink:
         self.f = f
         self.sparse = sparse
         self.pos = 0
+
+    def fileno(self) -> Optional[int]:
+        """The OS file behind a seekable output, for copies in the kernel."""
+        if not self.sparse:
+            return None
+        try:
+            return self.f.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None
+
+    def flush(self) -> None:
+        self.f.flush()
 
     def write(self, data) -> None:
         if len(data):
@@ -117,7 +147,10 @@ class CanonicalWriter:
 
     def __init__(self, stream: Stream, *, layout: Optional[str] = None,
                  zero_pages: Optional[str] = None, compact: bool = False,
-                 host_page_sizes: Optional[Dict[str, int]] = None):
+                 host_page_sizes: Optional[Dict[str, int]] = None,
+                 direct: Optional[Dict[str, int]] = None):
+        """``direct`` {block: page area offset}: the blocks' pages were decoded
+        straight into the output file there (see ``DirectMappedRam``)."""
         self.st = stream
         self.layout = layout or stream.format
         if self.layout not in ("sequential", "mapped-ram"):
@@ -158,6 +191,8 @@ class CanonicalWriter:
         else:
             self.normal_page = max(P, 4096)
         self.compact = compact
+        self.direct = dict(direct) if direct is not None else None
+        self._planned: Optional[Dict[str, Tuple[int, int]]] = None
         self._plan_parts()
 
     # -- which pages go into which PART/END section
@@ -207,7 +242,10 @@ class CanonicalWriter:
 
     # -- page records for the sequential layout
     def _page_runs(self) -> Iterator[PageRun]:
+        """Runs of at most _RUN_PAGES pages.  Page data is read into one reused
+        buffer, so a run is only valid until the next one is asked for."""
         P = self.P
+        buf = np.empty((_RUN_PAGES, P), dtype=np.uint8)
         for b in self.blocks:
             n = b.npages
             named = True
@@ -216,14 +254,19 @@ class CanonicalWriter:
                 written = b.written[start:start + count]
                 offs = np.arange(start, start + count, dtype=np.uint64) * np.uint64(P)
                 if written.any():
-                    chunk = b.read_pages(start, count)
-                    nz = chunk.any(axis=1) if self.zero_pages == "records" else written
+                    chunk = buf[:count]
+                    b.read_into(start * P, memoryview(chunk.reshape(-1)))
+                    if self.zero_pages == "full" or b.verified_nonzero:
+                        nz = written
+                    else:
+                        nz = written & _nonzero_rows(chunk)
                 else:
                     chunk = None                     # holes: all zero, nothing to read
                     nz = written
                 if self.zero_pages == "full":
                     if chunk is None:
-                        chunk = np.zeros((count, P), dtype=np.uint8)
+                        chunk = buf[:count]
+                        chunk[:] = 0
                     yield PageRun(RamFlag.PAGE, b.name, offs, named, data=chunk)
                     named = False
                     continue
@@ -253,6 +296,8 @@ class CanonicalWriter:
                 sparse = False
         sink = Sink(f, sparse)
         runs = self._page_runs() if self.layout == "sequential" else iter(())
+        out_buf = (np.empty((_RUN_PAGES, 8 + self.P), dtype=np.uint8)
+                   if self.layout == "sequential" else None)
         pending: Optional[PageRun] = None
         skipping = False
         section_open = None
@@ -277,7 +322,7 @@ class CanonicalWriter:
                             run, pending = self._split(run, quota)
                         else:
                             pending = None
-                        head, body = page_run_parts(run, self.P)
+                        head, body = page_run_parts(run, self.P, out=out_buf)
                         sink.write(head)
                         if body is not None:
                             sink.write(body.reshape(-1))
@@ -317,36 +362,126 @@ class CanonicalWriter:
             hdr, next_pos = mapped_ram.layout(header_offset, info.used_length, self.P)
             info.mapped_ram = hdr
             sink.write(encode_record(RamBlockEntry(info), self.P))
-            npages = blk.npages
-            present = np.zeros(npages, dtype=bool)
-            for start in range(0, npages, _RUN_PAGES):
-                count = min(_RUN_PAGES, npages - start)
-                if blk.written[start:start + count].any():
-                    present[start:start + count] = blk.read_pages(start, count).any(axis=1)
-            sink.write(mapped_ram.bools_to_bitmap(present))
-            idx = np.flatnonzero(present)
-            if idx.size:
-                # write runs of consecutive present pages
-                breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-                for run in np.split(idx, breaks):
-                    lo, hi = int(run[0]), int(run[-1]) + 1
-                    sink.skip_to(hdr.pages_offset + lo * self.P)
-                    for s in range(lo, hi, _RUN_PAGES):
-                        e = min(hi, s + _RUN_PAGES)
-                        sink.write(blk.read(s * self.P, (e - s) * self.P))
+            if self._planned is not None:
+                self._planned[info.name] = (hdr.pages_offset, next_pos)
+            elif self.direct is not None and self.direct.get(info.name) != hdr.pages_offset:
+                raise AssertionError(f"block {info.name!r} planned at "
+                                     f"{self.direct.get(info.name)}, written at "
+                                     f"{hdr.pages_offset}")
+            present = self._present(blk) if self._planned is None else None
+            sink.write(mapped_ram.bools_to_bitmap(present) if present is not None
+                       else bytes(mapped_ram.bitmap_size(info.used_length, self.P)))
+            if present is not None and self.direct is None:
+                self._copy_pages(sink, blk, present, hdr.pages_offset)
             sink.skip_to(next_pos)
+        if self._planned is not None:
+            raise _Planned()
         sink.write(encode_record(RamEos(), self.P))
 
+    def _present(self, blk) -> np.ndarray:
+        """Pages that hold a non-zero byte (the mapped-ram bitmap)."""
+        if blk.verified_nonzero:
+            return blk.written.copy()
+        present = np.zeros(blk.npages, dtype=bool)
+        buf = np.empty((_RUN_PAGES, self.P), dtype=np.uint8)
+        for start in range(0, blk.npages, _RUN_PAGES):
+            count = min(_RUN_PAGES, blk.npages - start)
+            written = blk.written[start:start + count]
+            if written.any():
+                chunk = buf[:count]
+                blk.read_into(start * self.P, memoryview(chunk.reshape(-1)))
+                present[start:start + count] = written & _nonzero_rows(chunk)
+        return present
 
-def write_atomic(path: str, writer_fn, *, mode: int = 0o644) -> int:
-    """Write through ``writer_fn(file)`` to a temporary name, then rename."""
+    def _copy_pages(self, sink: "Sink", blk, present: np.ndarray, pages_offset: int) -> None:
+        """Present pages into the page area: copied file to file in the kernel
+        when the output is a file, else read and written in chunks."""
+        fd = sink.fileno()
+        if fd is not None:
+            sink.flush()
+            src = blk._source or (blk._fd, blk._base)
+            copy_pages(src, (fd, pages_offset), present, self.P)
+            return
+        buf = np.empty(_RUN_PAGES * self.P, dtype=np.uint8)
+        for lo, hi, _ in _runs(np.flatnonzero(present)):
+            sink.skip_to(pages_offset + lo * self.P)
+            for s in range(lo, hi, _RUN_PAGES):
+                e = min(hi, s + _RUN_PAGES)
+                chunk = buf[:(e - s) * self.P]
+                blk.read_into(s * self.P, memoryview(chunk))
+                sink.write(chunk)
+
+    # -- sequential -> mapped-ram without a scratch image
+    def plan_areas(self) -> Dict[str, Tuple[int, int]]:
+        """{block: (page area offset, end)} of the mapped-ram output, from the
+        records before the ram setup (which must all be in the template)."""
+        self._planned = {}
+        try:
+            self.write(_NullFile(), sparse=True)
+        except _Planned:
+            pass
+        planned, self._planned = self._planned, None
+        return planned
+
+
+class DirectMappedRam:
+    """Decode a sequential stream straight into a mapped-ram output file.
+
+    The output's page areas serve as the memory image: when the block list
+    arrives, the layout is planned from the records decoded so far (they all
+    precede the ram setup), and each block becomes a window of the output.
+    Pages then cross the disk once.  Use ``placement`` as the image's
+    placement hook, then ``writer()`` once the stream is decoded.
+    """
+
+    def __init__(self, f, **writer_options):
+        self.f = f
+        self.options = writer_options
+        self.areas: Optional[Dict[str, Tuple[int, int]]] = None
+
+    def placement(self, infos, st: Stream, dec) -> Dict[str, Tuple[int, int]]:
+        from collections import OrderedDict
+        from .image import RamBlock
+        P = dec.page_size
+        if self.areas is not None or "mapped-ram" in dec.capabilities or P is None:
+            return {}
+        draft = Stream()
+        draft.template = list(st.template)
+        draft.capabilities = list(dec.capabilities)
+        draft.postcopy_advise = dec.postcopy_advise
+        draft.page_size = P
+        draft.ram = OrderedDict()
+        for info in infos:
+            b = RamBlock(info.name, info.used_length, P, None,
+                         host_page_size=info.host_page_size, addr=info.addr)
+            b.sent[:] = True
+            draft.ram[info.name] = b
+        try:
+            planner = CanonicalWriter(draft, layout="mapped-ram", **self.options)
+        except UsageError:
+            return {}                     # not expressible as mapped-ram: the writer will say
+        self.areas = planner.plan_areas()
+        fd = self.f.fileno()
+        end = max((e for _, e in self.areas.values()), default=0)
+        os.ftruncate(fd, end)             # never-written pages read back as zero
+        return {name: (fd, off) for name, (off, _) in self.areas.items()}
+
+    def writer(self, stream: Stream) -> CanonicalWriter:
+        direct = None if self.areas is None else {n: o for n, (o, _) in self.areas.items()}
+        return CanonicalWriter(stream, layout="mapped-ram", direct=direct, **self.options)
+
+
+def write_atomic(path: str, writer_fn, *, mode: int = 0o644, sync: bool = False) -> int:
+    """Write through ``writer_fn(file)`` to a temporary name, then rename; with
+    ``sync`` the data reaches the disk (fsync) before the rename."""
     d = os.path.dirname(os.path.abspath(path)) or "."
     tmp = os.path.join(d, f".{os.path.basename(path)}.qemuram-tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "w+b") as f:
             n = writer_fn(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
         return n

@@ -85,7 +85,7 @@ def _input_size(path: str) -> Optional[int]:
         return None
 
 
-def _open(args, *, verify=False, workdir=None, file_names=None, content=True):
+def _open(args, *, verify=False, workdir=None, file_names=None, content=True, placement=None):
     from .stream import open as qopen, verify as qverify
     if args.stream != "-" and not os.path.exists(args.stream):
         raise UsageError(f"no such file: {args.stream}")
@@ -99,7 +99,8 @@ def _open(args, *, verify=False, workdir=None, file_names=None, content=True):
                            progress=prog)
         return qopen(args.stream, page_size=getattr(args, "page_size", None),
                      block_page_sizes=bps or None, snapshot=getattr(args, "snapshot", None),
-                     workdir=workdir, file_names=file_names, verify=verify, progress=prog)
+                     workdir=workdir, file_names=file_names, verify=verify, progress=prog,
+                     placement=placement)
     finally:
         prog.done()
 
@@ -278,37 +279,55 @@ def _extract_physical(args, out: str) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .canonical import CanonicalWriter, write_atomic
+    from .canonical import CanonicalWriter, DirectMappedRam, write_atomic
     host_ps = {k: _size(v) for k, v in _pairs(args.host_page_size, "--host-page-size").items()}
     replaces = _pairs(args.replace, "--replace")
     if args.output != "-" and os.path.isdir(args.output):
         raise UsageError(f"{args.output} is a directory")
-    with _open(args) as st:
-        for name, spec in replaces.items():
-            path, _, off = spec.partition("@")
-            if name not in st.ram:
-                raise UsageError(f"--replace: no block named {name!r}; blocks: {', '.join(st.ram)}")
-            with open(path, "rb") as f:
-                data = f.read()
-            st.ram[name].write(_size(off) if off else 0, data)
-        writer = CanonicalWriter(st, layout=args.to, zero_pages=args.zero_pages,
-                                 compact=args.compact, host_page_sizes=host_ps)
-        prog = Progress("writing", None, getattr(args, "progress", None))
-        if args.output == "-":
-            n = writer.write(sys.stdout.buffer, sparse=False, progress=prog)
-            sys.stdout.buffer.flush()
-        else:
-            n = write_atomic(args.output, lambda f: writer.write(f, progress=prog))
-        prog.done()
-        report = {"input": args.stream, "output": args.output, "input_size": st.size,
-                  "output_size": n, "saved": st.size - n, "format": writer.layout,
-                  "zero_pages": writer.zero_pages}
+    options = dict(zero_pages=args.zero_pages, compact=args.compact, host_page_sizes=host_ps)
+    report = {}
+
+    def convert(out, direct=None) -> int:
+        with _open(args, placement=direct.placement if direct else None) as st:
+            for name, spec in replaces.items():
+                path, _, off = spec.partition("@")
+                if name not in st.ram:
+                    raise UsageError(f"--replace: no block named {name!r}; "
+                                     f"blocks: {', '.join(st.ram)}")
+                with open(path, "rb") as f:
+                    data = f.read()
+                st.ram[name].write(_size(off) if off else 0, data)
+            if direct is not None and direct.areas is not None:
+                writer = direct.writer(st)
+            else:
+                writer = CanonicalWriter(st, layout=args.to, **options)
+            prog = Progress("writing", None, getattr(args, "progress", None))
+            if out is sys.stdout.buffer:
+                n = writer.write(out, sparse=False, progress=prog)
+                out.flush()
+            else:
+                n = writer.write(out, progress=prog)
+            prog.done()
+            report.update({"input": args.stream, "output": args.output, "input_size": st.size,
+                           "output_size": n, "saved": st.size - n, "format": writer.layout,
+                           "zero_pages": writer.zero_pages})
+            return n
+
+    if args.output == "-":
+        n = convert(sys.stdout.buffer)
+    else:
+        # To mapped-ram from a sequential stream, pages are decoded straight
+        # into the output's page areas (no scratch image).
+        n = write_atomic(args.output,
+                         lambda f: convert(f, DirectMappedRam(f, **options)
+                                           if args.to == "mapped-ram" else None),
+                         sync=args.sync)
     if args.json:
         json.dump(report, sys.stdout if args.output != "-" else sys.stderr, indent=2)
         (sys.stdout if args.output != "-" else sys.stderr).write("\n")
     elif args.output != "-":
-        print(f"wrote {args.output}: {n} bytes ({report['format']}; input {st.size} bytes, "
-              f"saved {report['saved']})")
+        print(f"wrote {args.output}: {n} bytes ({report['format']}; "
+              f"input {report['input_size']} bytes, saved {report['saved']})")
     return EXIT_OK
 
 
@@ -426,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rewrite a block's postcopy host page-size field (e.g. pc.ram=2M)")
     sp.add_argument("--replace", action="append", metavar="BLOCK=FILE[@OFFSET]",
                     help="write FILE's bytes into BLOCK at OFFSET before encoding")
+    sp.add_argument("--sync", action="store_true",
+                    help="fsync the output before renaming it into place (durable on power "
+                         "loss; the rename alone already means no partial file)")
     sp.set_defaults(func=cmd_convert)
 
     sp = sub.add_parser("diff", help="compare the guest memory of two streams page by page",

@@ -116,6 +116,8 @@ class Decoder:
         self._spare: Optional[bytearray] = None
         self._pending_len = 0
         self._want = 0                 # bytes from _pos the current record needs
+        self._skip = 0                 # bytes to pass over unread (lazy mapped-ram pages)
+        self.lazy_pages = False        # set by adapters that can seek (see skipped())
         self._state = "header"
         self._error: Optional[StreamError] = None
         self.max_tail = max_tail
@@ -201,6 +203,31 @@ class Decoder:
         return got
 
     @property
+    def pending_skip(self) -> int:
+        """Bytes the adapter may seek over (then call ``skipped``) once the
+        buffer is used up; 0 when nothing is to be skipped."""
+        if self._skip and self._pos >= len(self._buf) and not self._pending:
+            return self._skip
+        return 0
+
+    def skipped(self, n: int) -> None:
+        """The adapter moved its input ``n`` bytes on without reading them."""
+        if n <= 0 or n > self.pending_skip:
+            raise UsageError(f"skipped({n}) while {self.pending_skip} bytes may be skipped")
+        self._base = self.offset + n
+        self._buf = b""
+        self._pos = 0
+        self._skip -= n
+
+    def _drop_skipped(self) -> bool:
+        """Consume buffered bytes that are to be skipped; True when done."""
+        self._join_pending()
+        n = min(self._skip, len(self._buf) - self._pos)
+        self._pos += n
+        self._skip -= n
+        return self._skip == 0
+
+    @property
     def offset(self) -> int:
         """Absolute stream offset of the next undecoded byte."""
         return self._base + self._pos
@@ -281,6 +308,13 @@ class Decoder:
         """Next record, ``NEED_DATA``, or None when the stream is complete."""
         if self._error is not None:
             raise self._error
+        if self._skip and not self._drop_skipped():
+            if self._eof:
+                self._fail(TruncatedStream("stream ends early", offset=self.offset,
+                                           expected=f"{self._skip} more bytes of "
+                                           "mapped-ram pages", found="end of input",
+                                           section=self._section_name()))
+            return NEED_DATA
         if self._state == "done":
             self._join_pending()
             if self._pos < len(self._buf):

@@ -6,12 +6,13 @@ little disk and no RAM; a ZERO record only touches pages that hold data.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
 import zlib
 from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -44,9 +45,14 @@ class RamBlock:
     stays bounded whatever the guest size); ``array()`` maps it for readers.
     """
 
-    def __init__(self, name: str, size: int, target_page_size: int, path: str,
+    def __init__(self, name: str, size: int, target_page_size: int, path: Optional[str],
                  host_page_size: Optional[int] = None, gpa: Optional[int] = None,
-                 addr: Optional[int] = None):
+                 addr: Optional[int] = None, *, window: Optional[Tuple[int, int]] = None,
+                 scratch: Optional[Callable[[], str]] = None):
+        """Content lives in ``path`` (a sparse file of its own), or, with
+        ``window=(fd, offset)``, in someone else's file from that offset (the
+        page area of a mapped-ram output being written).  ``scratch`` names a
+        file to move to when a block attached to a source must change."""
         self.name = name
         self.size = size
         self.target_page_size = target_page_size
@@ -55,12 +61,23 @@ class RamBlock:
         self.addr = addr
         self.path = path
         self._fd = None
-        if path is not None:
+        self._base = 0
+        self._own_fd = False
+        self._source: Optional[Tuple[int, int]] = None   # (fd, offset): read-only, lazy
+        self._scratch = scratch
+        if window is not None:
+            self._fd, self._base = window
+        elif path is not None:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._own_fd = True
             os.ftruncate(self._fd, size)
         self._map: Optional[np.ndarray] = None
         npages = size // target_page_size
         self.written = np.zeros(npages, dtype=bool)     # page holds non-hole data
+        # True while every written page is known to hold a non-zero byte (page
+        # records are checked as they are applied); writers then need not read
+        # pages to tell zero pages apart.
+        self.verified_nonzero = True
         self.sent = np.zeros(npages, dtype=bool)        # page named by some record
         self.counts: Dict[str, int] = {"zero": 0, "page": 0, "xbzrle": 0, "compressed": 0,
                                        "mapped": 0}
@@ -77,19 +94,86 @@ class RamBlock:
     def npages(self) -> int:
         return self.written.shape[0]
 
+    # -- a block whose pages stay in the input file (mapped-ram, read lazily)
+    def attach(self, fd: int, offset: int) -> None:
+        """Serve the content from ``fd`` at ``offset`` (a mapped-ram page area):
+        pages marked in ``written`` are read from there, the rest are zero.
+        Nothing is copied until the block is changed or mapped."""
+        if self.written.any():
+            raise UsageError(f"block {self.name!r} already has content")
+        if self._own_fd:
+            os.close(self._fd)
+            self._own_fd = False
+            if self.path is not None:
+                os.unlink(self.path)
+                self.path = None
+        self._fd = None
+        self._source = (fd, offset)
+
+    @property
+    def attached(self) -> bool:
+        return self._source is not None
+
+    def _detach(self) -> None:
+        """Copy an attached block's pages into a file of its own before a change."""
+        if self._source is None:
+            return
+        if self._scratch is None:
+            raise UsageError(f"block {self.name!r} is read from its input file and has no "
+                             "scratch directory to be changed in")
+        src = self._source
+        path = self._scratch()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(fd, self.size)
+        self.path, self._fd, self._base, self._own_fd = path, fd, 0, True
+        self._source = None
+        self._map = None
+        copy_pages(src, (fd, 0), self.written, self.target_page_size)
+
+    def copy_to(self, fd: int, offset: int) -> None:
+        """Copy the pages marked in ``written`` to ``fd`` at ``offset`` (in the kernel
+        where it can)."""
+        src = self._source or (self._fd, self._base)
+        copy_pages(src, (fd, offset), self.written, self.target_page_size)
+
     # -- reading
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(f"read of {length} bytes at 0x{offset:x} is outside block "
                              f"{self.name!r} (size 0x{self.size:x})")
-        parts, done = [], 0
-        while done < length:
-            chunk = os.pread(self._fd, length - done, offset + done)
-            if not chunk:
-                raise OSError(f"short read from {self.path}")
-            parts.append(chunk)
-            done += len(chunk)
-        return b"".join(parts)
+        if self._source is not None:
+            return self._read_attached(offset, length)
+        return _pread_exact(self._fd, length, self._base + offset)
+
+    def _read_attached(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        self.read_into(offset, memoryview(out))
+        return out
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with content from ``offset`` (a reusable buffer: no
+        fresh memory per read)."""
+        view = memoryview(view).cast("B")
+        length = len(view)
+        if offset < 0 or offset + length > self.size:
+            raise UsageError(f"read of {length} bytes at 0x{offset:x} is outside block "
+                             f"{self.name!r} (size 0x{self.size:x})")
+        if self._source is None:
+            _preadinto(self._fd, view, self._base + offset)
+            return
+        # Attached: pages not marked present read as zero, whatever the file holds there.
+        if not length:
+            return
+        P = self.target_page_size
+        fd, base = self._source
+        first = offset // P
+        written = self.written[first:(offset + length - 1) // P + 1]
+        if not written.all():
+            np.frombuffer(view, dtype=np.uint8)[:] = 0
+        idx = np.flatnonzero(written) + first
+        for a, b, _ in _runs(idx):
+            lo, hi = max(a * P, offset), min(b * P, offset + length)
+            _preadinto(fd, view[lo - offset:hi - offset], base + lo)
 
     def read_pages(self, first: int, count: int) -> np.ndarray:
         """(count, page size) copy of pages ``first`` .. ``first+count-1``."""
@@ -99,10 +183,12 @@ class RamBlock:
     def array(self) -> np.ndarray:
         """Read-only numpy view of the whole block (memory-mapped, lazily paged)."""
         if self._map is None:
+            self._detach()           # stale bytes under clear bitmap bits must read as zero
             if self.size == 0:
                 self._map = np.zeros(0, dtype=np.uint8)
             else:
-                self._map = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.size,))
+                mm = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ, offset=self._base)
+                self._map = np.frombuffer(mm, dtype=np.uint8)
         return self._map
 
     def pages(self) -> np.ndarray:
@@ -117,13 +203,16 @@ class RamBlock:
         if offset < 0 or offset + len(data) > self.size:
             raise UsageError(f"write of {len(data)} bytes at 0x{offset:x} is outside block "
                              f"{self.name!r} (size 0x{self.size:x})")
+        self._detach()
         self._pwrite(data, offset)
+        self.verified_nonzero = False
         P = self.target_page_size
         first, last = offset // P, (offset + max(len(data), 1) - 1) // P
         self.written[first:last + 1] = True
 
     def _pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
+        offset += self._base
         while len(view):
             n = os.pwrite(self._fd, view, offset)
             view, offset = view[n:], offset + n
@@ -135,6 +224,7 @@ class RamBlock:
         gathered into one contiguous buffer per write.
         """
         P = self.target_page_size
+        self._detach()
         order = None
         if idx.size > 1 and np.any(np.diff(idx) <= 0):
             order = np.argsort(idx, kind="stable")
@@ -161,6 +251,9 @@ class RamBlock:
         hit = idx[self.written[idx]]
         if not hit.size:
             return
+        if self._source is not None:         # nothing to overwrite: clear the marks
+            self.written[hit] = False
+            return
         for first, end, _ in _runs(np.unique(hit)):
             off, left = first * P, (end - first) * P
             while left:
@@ -171,9 +264,10 @@ class RamBlock:
 
     def close(self) -> None:
         self._map = None
-        if self._fd is not None:
+        if self._fd is not None and self._own_fd:
             os.close(self._fd)
-            self._fd = None
+        self._fd = None
+        self._source = None
 
     def __repr__(self) -> str:
         return f"RamBlock({self.name!r}, size=0x{self.size:x}, page_size={self.page_size})"
@@ -183,32 +277,68 @@ class MemoryImage:
     """Builds the final guest memory from ram records, in a directory of sparse files."""
 
     def __init__(self, directory: Optional[str] = None, *, keep: bool = False,
-                 file_names: Optional[Dict[str, str]] = None, content: bool = True):
+                 file_names: Optional[Dict[str, str]] = None, content: bool = True,
+                 attach: bool = False,
+                 placement: Optional[Callable[..., Dict[str, Tuple[int, int]]]] = None):
         """``content=False`` keeps block geometry and record counts only (for
-        verification): page data is checked but not stored."""
+        verification): page data is checked but not stored.  ``attach=True``
+        lets mapped-ram blocks be read from the input file in place (see
+        ``set_source``) instead of copied.  ``placement(infos, stream, decoder)``
+        may put blocks into windows of another file: {name: (fd, offset)}."""
         self.content = content
         self._own = directory is None and content
-        self.directory = directory or (tempfile.mkdtemp(prefix="qemuram-") if content else None)
+        self._directory = directory
         self.keep = keep
         self.file_names = file_names
+        self.attach = attach and not keep
+        self.placement = placement
+        self.source: Optional[Tuple[int, int]] = None   # (fd, file offset of stream byte 0)
+        self.context: tuple = ()        # (Stream, Decoder) being decoded, for placement
         self.blocks: "OrderedDict[str, RamBlock]" = OrderedDict()
         self.page_size: Optional[int] = None
+
+    @property
+    def directory(self) -> Optional[str]:
+        """Created on first use: an image of attached or placed blocks needs none."""
+        if self._directory is None and self._own:
+            self._directory = tempfile.mkdtemp(prefix="qemuram-")
+        return self._directory
+
+    def set_source(self, fd: int, offset: int) -> None:
+        """The input is a plain range of a real file: lazy mapped-ram areas are
+        read from it (``fd`` is duplicated; closed with the image)."""
+        self.source = (os.dup(fd), offset)
 
     def _path(self, name: str) -> str:
         if self.file_names and name in self.file_names:
             return os.path.join(self.directory, self.file_names[name])
         return os.path.join(self.directory, block_file_name(name))
 
-    def add_block(self, info: RamBlockInfo, page_size: int) -> RamBlock:
+    def _scratch_path(self, name: str) -> Callable[[], str]:
+        return lambda: self._path(name)
+
+    def add_block(self, info: RamBlockInfo, page_size: int,
+                  window: Optional[Tuple[int, int]] = None) -> RamBlock:
         if info.name in self.blocks:
             raise UsageError(f"block {info.name!r} added twice")
         self.page_size = page_size
-        blk = RamBlock(info.name, info.used_length, page_size,
-                       self._path(info.name) if self.content else None,
-                       host_page_size=info.host_page_size, addr=info.addr)
+        path = None
+        if self.content and window is None and not (self.attach and info.mapped_ram
+                                                    and self.source is not None):
+            path = self._path(info.name)
+        blk = RamBlock(info.name, info.used_length, page_size, path,
+                       host_page_size=info.host_page_size, addr=info.addr, window=window,
+                       scratch=self._scratch_path(info.name) if self._own else None)
         blk.mapped_ram = info.mapped_ram
         self.blocks[info.name] = blk
         return blk
+
+    def _add_blocks(self, infos: list, page_size: int) -> None:
+        windows = {}
+        if self.placement is not None and self.content and infos:
+            windows = self.placement(infos, *self.context)
+        for info in infos:
+            self.add_block(info, page_size, windows.get(info.name))
 
     def apply(self, rec, page_size: Optional[int]) -> None:
         """Apply one decoded record (non-ram records are ignored)."""
@@ -260,10 +390,9 @@ class MemoryImage:
             blk.sent[i] = True
             blk.counts["compressed"] += 1
         elif isinstance(rec, RamMemSize):
-            for info in rec.blocks:
-                self.add_block(info, page_size)
+            self._add_blocks(rec.blocks, page_size)
         elif isinstance(rec, RamBlockEntry):
-            self.add_block(rec.block, page_size)
+            self._add_blocks([rec.block], page_size)
         elif isinstance(rec, MappedRamArea):
             self._mapped_area(rec)
 
@@ -311,6 +440,11 @@ class MemoryImage:
         blk = self.blocks[rec.block]
         P = blk.target_page_size
         h = blk.mapped_ram
+        if rec.data is None:
+            self._lazy_area(blk, rec)
+            blk.verified_nonzero = False
+            return
+        blk.verified_nonzero = False
         data = np.asarray(rec.data, dtype=np.uint8)
         start, end = rec.offset, rec.offset + data.shape[0]
         bsize = mapped_ram.bitmap_size(blk.size, P)
@@ -328,11 +462,80 @@ class MemoryImage:
                 blk.write_pages(sel + first, data[: n * P].reshape(n, P)[sel]
                                 if sel.size < n else data[: n * P].reshape(n, P))
 
+    def _lazy_area(self, blk: RamBlock, rec: MappedRamArea) -> None:
+        """A page area left in the input file: attach the block to it, or copy
+        its present pages over in the kernel."""
+        h, P = blk.mapped_ram, blk.target_page_size
+        if self.source is None:
+            raise UsageError("a lazy mapped-ram area needs the input file (set_source)")
+        if rec.offset != h.pages_offset or rec.length != blk.npages * P:
+            raise UsageError(f"lazy area of block {blk.name!r} at {rec.offset} does not cover "
+                             "its page region")
+        if blk.present is None:
+            raise UsageError(f"lazy area of block {blk.name!r} before its bitmap")
+        fd, base = self.source
+        if blk.path is None and blk._fd is None:
+            blk.attach(fd, base + rec.offset)
+        else:
+            copy_pages((fd, base + rec.offset), (blk._fd, blk._base), blk.present, P)
+        blk.written[:] = blk.present
+
     def close(self) -> None:
         for b in self.blocks.values():
             b.close()
-        if self._own and not self.keep:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        if self.source is not None:
+            os.close(self.source[0])
+            self.source = None
+        if self._own and not self.keep and self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    parts, done = [], 0
+    while done < length:
+        chunk = os.pread(fd, length - done, offset + done)
+        if not chunk:
+            raise OSError(f"short read at offset {offset + done} of file descriptor {fd}")
+        parts.append(chunk)
+        done += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _preadinto(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError(f"short read at offset {offset} of file descriptor {fd}")
+        view, offset = view[n:], offset + n
+
+
+def copy_pages(src: Tuple[int, int], dst: Tuple[int, int], present: np.ndarray,
+               page_size: int) -> None:
+    """Copy the pages marked in ``present`` from (fd, offset) to (fd, offset):
+    runs of present pages go through ``copy_file_range`` (no trip through user
+    space), or pread/pwrite where the kernel refuses."""
+    (sfd, sbase), (dfd, dbase) = src, dst
+    use_cfr = hasattr(os, "copy_file_range")
+    for a, b, _ in _runs(np.flatnonzero(present)):
+        off, left = a * page_size, (b - a) * page_size
+        while left:
+            n = 0
+            if use_cfr:
+                try:
+                    n = os.copy_file_range(sfd, dfd, min(left, 1 << 30), sbase + off, dbase + off)
+                except OSError:
+                    use_cfr = False
+            if n <= 0:
+                chunk = os.pread(sfd, min(left, 16 << 20), sbase + off)
+                if not chunk:
+                    raise OSError(f"short read at offset {sbase + off} of file descriptor {sfd}")
+                view = memoryview(chunk)
+                at = dbase + off
+                while len(view):
+                    w = os.pwrite(dfd, view, at)
+                    view, at = view[w:], at + w
+                n = len(chunk)
+            off, left = off + n, left - n
 
 
 def _nonzero_rows(data: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Iterator, Optional, Tuple
 
 from .framing import NEED_DATA, Decoder, find_vmdesc, parse_vmdesc_at
 from .wire import MAX_VMDESC
@@ -54,12 +54,33 @@ def read_vmdesc_ahead(f: BinaryIO, start: int = 0) -> Optional[dict]:
         f.seek(pos)
 
 
+def source_extent(f) -> Optional[Tuple[int, int]]:
+    """(OS file descriptor, file offset of the stream's current byte) when the
+    stream is a plain byte range of a real file (a plain stream, or a libvirt
+    save image's stream window), else None.  Lazy readers pread from it."""
+    from .containers import _Window
+    base = 0
+    if isinstance(f, _Window):
+        base, inner = f.base_offset + f.tell(), f._f
+        if not isinstance(inner, (io.BufferedReader, io.FileIO)):
+            return None
+        return inner.fileno(), base
+    if isinstance(f, (io.BufferedReader, io.FileIO)) and not getattr(f, "_emulated_seek", False):
+        try:
+            return f.fileno(), f.tell()
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int = CHUNK,
-                 **options) -> Iterator:
+                 lazy_pages: bool = False, **options) -> Iterator:
     """Decode a binary file object (file, pipe, socket makefile) record by record.
 
     Records carry numpy views of the read buffer: copy what you keep before
-    asking for the next record.
+    asking for the next record.  With ``lazy_pages`` and a seekable input,
+    mapped-ram page areas are seeked over and come as ``MappedRamArea`` with
+    ``data=None`` (offset and length only): read what you need from the file.
     """
     if decoder is None:
         if "vmdesc" not in options and is_seekable(f):
@@ -69,11 +90,24 @@ def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int =
         decoder = Decoder(**options)
     readinto = getattr(f, "readinto", None) if is_seekable(f) else None
     read = getattr(f, "read1", None) or f.read
+    end = None
+    if lazy_pages and readinto is not None:
+        decoder.lazy_pages = True
+        here = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(here)
     while True:
         ev = decoder.next_event()
         if ev is None:
             return
         if ev is NEED_DATA:
+            skip = decoder.pending_skip
+            if skip and end is not None:
+                here = f.tell()
+                if here + skip <= end:        # else read on: the decoder reports the truncation
+                    f.seek(here + skip)
+                    decoder.skipped(skip)
+                    continue
             if readinto is not None:
                 if not decoder.fill(readinto, chunk):
                     decoder.feed_eof()

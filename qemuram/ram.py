@@ -272,6 +272,14 @@ class RamDecoder:
         if cur >= end:
             self._area = None
             return self.step()
+        if d.lazy_pages and cur >= h.pages_offset:
+            # The caller can seek: hand over where the pages are, not the pages.
+            length = end - cur
+            avail = min(len(d._buf) - p, length)
+            d._pos = p + avail
+            d._skip = length - avail
+            self._area = None
+            return MappedRamArea(block=name, data=None, offset=cur, length=length)
         bitmap_end = h.bitmap_offset + mapped_ram.bitmap_size(info.used_length, P)
         bound = next(b for b in (h.bitmap_offset, bitmap_end, h.pages_offset, end) if b > cur)
         want = min(bound - cur, self.area_chunk)
@@ -439,10 +447,12 @@ def encode_block_info(b: RamBlockInfo) -> bytes:
     return bytes(out)
 
 
-def page_run_parts(run: PageRun, page_size: int):
+def page_run_parts(run: PageRun, page_size: int, out: Optional[np.ndarray] = None):
     """(head, body) of a run's encoding: ``head`` the bytes of a named first
     record (or b""), ``body`` a (records, record size) uint8 array of the
-    CONTINUE records (or None).  Writers send both without joining them."""
+    CONTINUE records (or None).  Writers send both without joining them; a
+    writer that passes ``out`` (rows of 8 + page size bytes, reused between
+    runs) saves a fresh buffer per run."""
     n = run.count
     if n == 0:
         return b"", None
@@ -466,7 +476,10 @@ def page_run_parts(run: PageRun, page_size: int):
         out = np.zeros((m, 9), dtype=np.uint8)
         out[:, :8] = hdr
     else:
-        out = np.empty((m, 8 + page_size), dtype=np.uint8)
+        if out is not None and out.shape[0] >= m and out.shape[1] == 8 + page_size:
+            out = out[:m]
+        else:
+            out = np.empty((m, 8 + page_size), dtype=np.uint8)
         out[:, :8] = hdr
         out[:, 8:] = run.data[start:]
     return head, out
@@ -538,6 +551,9 @@ def encode_ram_record(rec, page_size: Optional[int]) -> bytes:
     if isinstance(rec, RamBlockEntry):
         return encode_block_info(rec.block)
     if isinstance(rec, MappedRamArea):
+        if rec.data is None:
+            raise TypeError("a lazy mapped-ram chunk has no bytes to encode; read them from "
+                            "the source file at its offset")
         return np.asarray(rec.data, dtype=np.uint8).tobytes()
     if isinstance(rec, XbzrlePage):
         flags = RamFlag.XBZRLE | (0 if rec.named else RamFlag.CONTINUE)

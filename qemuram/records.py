@@ -217,8 +217,13 @@ class MappedRamArea:
     clear read as zero whatever the file holds there.
     """
     block: str
-    data: Any            # bytes-like or numpy uint8 array
+    data: Any            # bytes-like or numpy uint8 array; None when skipped (lazy)
     offset: int = 0      # absolute file offset of data[0]
+    length: Optional[int] = None   # set for a lazy chunk: bytes left in the file, unread
+
+    @property
+    def size(self) -> int:
+        return self.length if self.data is None else len(self.data)
 
 
 @dataclass

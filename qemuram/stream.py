@@ -106,14 +106,22 @@ def verify(src, *, page_size: Optional[int] = None,
 def open(src, *, page_size: Optional[int] = None,
          block_page_sizes: Optional[Dict[str, int]] = None, workdir: Optional[str] = None,
          snapshot: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
-         file_names: Optional[Dict[str, str]] = None, verify: bool = False) -> Stream:
+         file_names: Optional[Dict[str, str]] = None, verify: bool = False,
+         placement=None) -> Stream:
     """Decode a stream (path, '-', or binary file) into a ``Stream``.
 
     Raises a ``StreamError`` subclass for any invalid input; no partial
     result is returned.  With ``verify=True`` every record is re-encoded and
     compared with the input bytes it came from (``Stream.roundtrip``).
+
+    Without ``workdir``, the pages of a mapped-ram file are read from the
+    file in place when needed (it must not change while the Stream is open);
+    other content goes to sparse scratch files removed by ``close()``.
+    ``placement`` is the memory image's block placement hook (see
+    ``canonical.DirectMappedRam``).
     """
-    image = MemoryImage(workdir, keep=workdir is not None, file_names=file_names)
+    image = MemoryImage(workdir, keep=workdir is not None, file_names=file_names,
+                        attach=workdir is None, placement=placement)
     return _decode_source(src, image, snapshot=snapshot, page_size=page_size,
                           block_page_sizes=block_page_sizes, progress=progress,
                           check_roundtrip=verify)
@@ -148,12 +156,23 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_round
         if vm is not None:
             opts["vmdesc"] = vm
     dec = Decoder(**opts)
+    image.context = (st, dec)
+    lazy = False
+    if qio.is_seekable(f):
+        extent = qio.source_extent(f)
+        if not image.content:
+            lazy = True                       # verify: pages of a mapped-ram area are not read
+        elif extent is not None:
+            image.set_source(extent[0], extent[1] - dec.offset)
+            lazy = True
     cur: Optional[RamSectionSummary] = None
     last_report = 0
-    for rec in qio.iter_records(f, decoder=dec):
+    for rec in qio.iter_records(f, decoder=dec, lazy_pages=lazy):
         if check_roundtrip and st.roundtrip_mismatch is None:
             if isinstance(rec, PageRun):
                 n = page_run_matches(rec, dec._buf, rec.offset - dec._base, dec.page_size)
+            elif isinstance(rec, MappedRamArea) and rec.data is None:
+                n = rec.length                # bytes left in the file are the file's bytes
             else:
                 enc = encode_record(rec, dec.page_size)
                 n = len(enc) if dec.raw(rec.offset, len(enc)) == enc else None

@@ -184,7 +184,11 @@ def test_truncated_file_through_open(name, tmp_path, monkeypatch):
         assert info.value.offset is not None and info.value.offset <= o, (o, info.value)
         for d in made:
             assert not os.path.exists(d), f"image dir {d} left behind (cut at {o})"
-    assert made, "open() never created its image directory"
+    if name == "q35-mapped-ram":
+        # pages stay in the input file (attached), so no scratch directory is needed
+        assert not made, made
+    else:
+        assert made, "open() never created its image directory"
 
 
 @pytest.mark.parametrize("cut", [1, 5, 100, -1])

@@ -364,6 +364,12 @@ def test_compact_live_stream_loads(tmp_path):
     assert sum(s["type"] == "PART" for s in st["sections"]) == 1
     with destination(out, extra_args=["-bios", str(bios)]) as dst:
         src_mem.check(dst, "--compact live stream")
+    # Pages sent pass after pass, decoded straight into a mapped-ram output's
+    # page areas (the last copy of each page wins there too).
+    mr = tmp_path / "live.mapped-ram"
+    convert(live, mr, "--to", "mapped-ram")
+    with destination(mr, caps={"mapped-ram": True}, extra_args=["-bios", str(bios)]) as dst:
+        src_mem.check(dst, "live stream -> mapped-ram")
 
 
 # --------------------------------------------------------------------------

@@ -241,6 +241,27 @@ def test_live_precopy_xbzrle_to_file(bios, xbzrle_run):
           f"migration {xbzrle_run['seconds']:.1f}s")
 
 
+def test_live_xbzrle_stream_converted_to_mapped_ram_loads(bios, xbzrle_run, tmp_path):
+    """The multi-pass XBZRLE stream decoded straight into a mapped-ram output
+    (no scratch image: XBZRLE pages are read back from the output's page area)
+    holds the source's memory, and a real destination loads it."""
+    import subprocess
+    import sys
+    out = tmp_path / "xbzrle.mapped-ram"
+    r = subprocess.run([sys.executable, "-m", "qemuram", "convert", xbzrle_run["path"],
+                        str(out), "--to", "mapped-ram", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with qemuram.open(str(out), verify=True) as st:
+        assert st.format == "mapped-ram" and st.roundtrip
+        assert st.ram["pc.ram"].attached
+        _assert_ram_equal(st.ram["pc.ram"], xbzrle_run["memory"], "source")
+        with _guest(bios, incoming=True) as dst:
+            dst.set_capabilities(mapped_ram=True)
+            dst.load(str(out), timeout=60)
+            _assert_ram_equal(st.ram["pc.ram"], _dump(dst), "destination")
+
+
 def _edge_by_offset():
     return {workload.REGION_BASE + page * PAGE: name
             for name, (page, _, _) in workload.EDGE.items()}
