@@ -166,6 +166,14 @@ class Decoder:
     def feed_eof(self) -> None:
         self._eof = True
 
+    def map_input(self, buf) -> None:
+        """Take ``buf`` (say an mmap of a whole file) as the complete input:
+        nothing is copied, records are views of it."""
+        if self._buf or self._pending or self._base or self._pos:
+            raise UsageError("map_input() on a decoder that already has input")
+        self._buf = buf
+        self._eof = True
+
     def fill(self, readinto, size: int) -> int:
         """Read new input with ``readinto`` straight into a buffer that already
         holds the unconsumed tail: the file adapter's fast path.  Buffers have
@@ -613,10 +621,9 @@ class Decoder:
             return self._eof and at == len(self._buf)
         t = self._buf[at]
         if t == SectionType.EOF:
-            rest = self._buf[at + 1:]
-            if not rest:
+            if at + 1 >= len(self._buf):
                 return True
-            return rest[0] == SectionType.VMDESCRIPTION
+            return self._buf[at + 1] == SectionType.VMDESCRIPTION
         if t in (SectionType.PART, SectionType.END):
             return len(self._buf) - at >= 5 and self.be32(at + 1) in self.sections
         if t in (SectionType.START, SectionType.FULL):

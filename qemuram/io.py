@@ -7,7 +7,9 @@ tail instead.  Reads go through one preallocated buffer with ``readinto``.
 from __future__ import annotations
 
 import io
+import mmap
 import os
+import stat
 from typing import BinaryIO, Iterator, Optional, Tuple
 
 from .framing import NEED_DATA, Decoder, find_vmdesc, parse_vmdesc_at
@@ -93,6 +95,11 @@ def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int =
     end = None
     if lazy_pages and readinto is not None:
         decoder.lazy_pages = True
+    mapped = _map_whole_file(f, decoder) if readinto is not None else None
+    if mapped is not None:
+        yield from _iter_mapped(decoder, mapped)
+        return
+    if decoder.lazy_pages:
         here = f.tell()
         end = f.seek(0, io.SEEK_END)
         f.seek(here)
@@ -119,6 +126,52 @@ def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int =
                 decoder.feed(data)
             continue
         yield ev
+
+
+MAP_MIN = 32 << 20          # smaller files are simply read
+_RELEASE = 16 << 20         # mapped input given back to the kernel in steps of this
+
+
+def _map_whole_file(f, decoder: Decoder):
+    """An mmap of a plain regular file holding the stream from byte 0, when
+    worth it: the decoder then reads the page cache in place (no copy into
+    a buffer)."""
+    if not isinstance(f, (io.BufferedReader, io.FileIO)) or decoder.offset or decoder.buffered:
+        return None
+    try:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < MAP_MIN or f.tell() != 0:
+            return None
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    if hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+    return mm
+
+
+def _iter_mapped(decoder: Decoder, mm) -> Iterator:
+    """Records of a mapped file.  Consumed ranges are dropped from this
+    process's page tables as it goes (the page cache keeps them), so resident
+    memory stays bounded; records still being used fault back in."""
+    decoder.map_input(mm)
+    released = 0
+    release = getattr(mm, "madvise", None)
+    while True:
+        ev = decoder.next_event()
+        if ev is None:
+            break
+        if ev is NEED_DATA:              # cannot happen with the whole input: be safe
+            raise AssertionError("mapped decoder asked for more data")
+        yield ev
+        done = decoder.offset - _RELEASE
+        if release is not None and done - released >= _RELEASE:
+            upto = done - done % mmap.PAGESIZE
+            release(mmap.MADV_DONTNEED, released, upto - released)
+            released = upto
+    # f's position follows the decoder, as after reading
+    return
 
 
 def open_input(src, *, snapshot=None):

@@ -390,7 +390,8 @@ class RamDecoder:
         d = self.d
         buf = d._buf
         stride = 9 if kind == RamFlag.ZERO else 8 + P
-        avail = (len(buf) - p) // stride
+        # bounded, so a run over a mapped input touches a bounded span of it
+        avail = min((len(buf) - p) // stride, MAX_RUN_BYTES // stride)
         if avail == 0:
             return None
         want = np.uint64(kind | RamFlag.CONTINUE)
@@ -426,6 +427,9 @@ class RamDecoder:
         d._pos = p + done * stride
         return PageRun(kind=RamFlag(kind), block=self.current.name, page_offsets=offsets,
                        named=False, data=data, offset=d.abs(p))
+
+
+MAX_RUN_BYTES = 16 << 20     # input bytes one PageRun may span
 
 
 # ------------------------------------------------------------------- encoding

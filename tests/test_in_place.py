@@ -241,3 +241,34 @@ def test_cli_convert_with_replace_through_direct_path(tmp_path):
     with qemuram.open(io.BytesIO(load_stream(name))) as st:
         st.ram["pc.ram"].write(0x200000, pattern.read_bytes())
         assert out.read_bytes() == _encode(st, layout="mapped-ram")
+
+
+# ---------------------------------------------------------------- mapped input files
+
+@over_fixtures()
+def test_mapped_input_file_decodes_like_a_read_one(name, tmp_path, monkeypatch):
+    """Big plain files are decoded from an mmap of the page cache; force that
+    path on the small fixtures and compare with reading through a buffer."""
+    path = _write(tmp_path, name)
+    with qemuram.open(io.BytesIO(load_stream(name))) as st:
+        want = _hashes(st)
+    monkeypatch.setattr(qio, "MAP_MIN", 0)
+    monkeypatch.setattr(qio, "_RELEASE", 4096)      # give pages back after every record
+    mapped = []
+    real = qio._iter_mapped
+    monkeypatch.setattr(qio, "_iter_mapped", lambda d, mm: mapped.append(1) or real(d, mm))
+    with qemuram.open(path, verify=True) as st:
+        assert st.roundtrip, st.roundtrip_mismatch
+        assert _hashes(st) == want
+    assert mapped, "the mapped path was not taken"
+
+
+@pytest.mark.parametrize("cut", [100, 5000, -300, -1])
+def test_mapped_input_truncated(cut, tmp_path, monkeypatch):
+    data = load_stream("q35-plain")
+    cut = cut % len(data)
+    path = _write(tmp_path, "cut", data[:cut])
+    monkeypatch.setattr(qio, "MAP_MIN", 0)
+    with pytest.raises(TruncatedStream) as info:
+        qemuram.open(path).close()
+    assert info.value.offset is not None and info.value.offset <= cut
