@@ -109,14 +109,16 @@ def _sha256(block) -> str:
     """SHA-256 of a block's content, read in bounded chunks (holes read as zeros)."""
     h = hashlib.sha256()
     step = 16 << 20
-    zero = bytes(step)
+    zero = memoryview(bytes(step))
+    buf = memoryview(bytearray(step))         # reused: no fresh memory per chunk
     P = block.target_page_size
     for i in range(0, block.size, step):
         n = min(step, block.size - i)
         if not block.written[i // P:(i + n + P - 1) // P].any():
-            h.update(memoryview(zero)[:n])
+            h.update(zero[:n])
         else:
-            h.update(block.read(i, n))
+            block.read_into(i, buf[:n])
+            h.update(buf[:n])
     return h.hexdigest()
 
 
