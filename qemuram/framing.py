@@ -118,6 +118,7 @@ class Decoder:
         self._want = 0                 # bytes from _pos the current record needs
         self._skip = 0                 # bytes to pass over unread (lazy mapped-ram pages)
         self.lazy_pages = False        # set by adapters that can seek (see skipped())
+        self.input_size: Optional[int] = None   # stream bytes in all, when the adapter knows
         self._state = "header"
         self._error: Optional[StreamError] = None
         self.max_tail = max_tail
@@ -173,6 +174,7 @@ class Decoder:
             raise UsageError("map_input() on a decoder that already has input")
         self._buf = buf
         self._eof = True
+        self.input_size = len(buf)
 
     def fill(self, readinto, size: int) -> int:
         """Read new input with ``readinto`` straight into a buffer that already

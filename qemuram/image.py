@@ -115,8 +115,9 @@ class RamBlock:
         return self._source is not None
 
     def _detach(self) -> None:
-        """Copy an attached block's pages into a file of its own before a change."""
-        if self._source is None:
+        """Give the block a file of its own before a change (copying an attached
+        block's pages into it)."""
+        if self._fd is not None:
             return
         if self._scratch is None:
             raise UsageError(f"block {self.name!r} is read from its input file and has no "
@@ -128,7 +129,8 @@ class RamBlock:
         self.path, self._fd, self._base, self._own_fd = path, fd, 0, True
         self._source = None
         self._map = None
-        copy_pages(src, (fd, 0), self.written, self.target_page_size)
+        if src is not None:
+            copy_pages(src, (fd, 0), self.written, self.target_page_size)
 
     def copy_to(self, fd: int, offset: int) -> None:
         """Copy the pages marked in ``written`` to ``fd`` at ``offset`` (in the kernel
@@ -143,6 +145,8 @@ class RamBlock:
                              f"{self.name!r} (size 0x{self.size:x})")
         if self._source is not None:
             return self._read_attached(offset, length)
+        if self._fd is None:                  # nothing stored yet: all zero
+            return bytes(length)
         return _pread_exact(self._fd, length, self._base + offset)
 
     def _read_attached(self, offset: int, length: int) -> bytes:
@@ -159,7 +163,10 @@ class RamBlock:
             raise UsageError(f"read of {length} bytes at 0x{offset:x} is outside block "
                              f"{self.name!r} (size 0x{self.size:x})")
         if self._source is None:
-            _preadinto(self._fd, view, self._base + offset)
+            if self._fd is None:              # nothing stored yet: all zero
+                np.frombuffer(view, dtype=np.uint8)[:] = 0
+            else:
+                _preadinto(self._fd, view, self._base + offset)
             return
         # Attached: pages not marked present read as zero, whatever the file holds there.
         if not length:
@@ -498,7 +505,7 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytes:
             raise OSError(f"short read at offset {offset + done} of file descriptor {fd}")
         parts.append(chunk)
         done += len(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)   # b"" for length 0
 
 
 def _preadinto(fd: int, view: memoryview, offset: int) -> None:

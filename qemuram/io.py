@@ -103,6 +103,7 @@ def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int =
         here = f.tell()
         end = f.seek(0, io.SEEK_END)
         f.seek(here)
+        decoder.input_size = decoder.offset + decoder.buffered + (end - here)
     while True:
         ev = decoder.next_event()
         if ev is None:

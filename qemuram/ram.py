@@ -272,8 +272,11 @@ class RamDecoder:
         if cur >= end:
             self._area = None
             return self.step()
-        if d.lazy_pages and cur >= h.pages_offset:
-            # The caller can seek: hand over where the pages are, not the pages.
+        if d.lazy_pages and cur >= h.pages_offset and (d.input_size is None
+                                                       or end <= d.input_size):
+            # The caller can seek: hand over where the pages are, not the pages
+            # (unless the input is known to end inside them: then read on, so the
+            # truncation is reported where it is, before any page is used).
             length = end - cur
             avail = min(len(d._buf) - p, length)
             d._pos = p + avail

@@ -272,3 +272,26 @@ def test_mapped_input_truncated(cut, tmp_path, monkeypatch):
     with pytest.raises(TruncatedStream) as info:
         qemuram.open(path).close()
     assert info.value.offset is not None and info.value.offset <= cut
+
+
+@pytest.mark.parametrize("where", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_truncated_page_area_through_every_command(where, mapped, tmp_path, monkeypatch):
+    """A mapped-ram file cut inside a page area: open (attached), extract
+    (copied) and verify all report TruncatedStream at or before the cut,
+    whether the file is read or mapped."""
+    name = MAPPED[0]
+    data = load_stream(name)
+    with open(_write(tmp_path, name), "rb") as f:
+        area = next(r for r in qio.iter_records(f, lazy_pages=True)
+                    if isinstance(r, MappedRamArea) and r.data is None and r.length)
+    cut = area.offset + int(area.length * where)
+    path = _write(tmp_path, "cut", data[:cut])
+    monkeypatch.setattr(qio, "MAP_MIN", 0 if mapped else 1 << 62)
+    (tmp_path / "wd").mkdir()
+    for run in (lambda: qemuram.open(path).close(),
+                lambda: qemuram.open(path, workdir=str(tmp_path / "wd")).close(),
+                lambda: qemuram.stream.verify(path)):
+        with pytest.raises(TruncatedStream) as info:
+            run()
+        assert info.value.offset is not None and info.value.offset <= cut
