@@ -248,7 +248,9 @@ class RamBlock:
             # Strided rows (page records with their headers in between): one
             # gathering copy per 16 MiB then a single pwrite beats pwritev.
             for j in range(0, n, _GATHER):
-                chunk = np.ascontiguousarray(rows[j:j + _GATHER])
+                part = rows[j:j + _GATHER]
+                chunk = _gather_buffer(part.shape[0], P)
+                np.copyto(chunk, part)
                 self._pwrite(chunk.reshape(-1), (first + j) * P)
         self.written[idx] = True
 
@@ -495,6 +497,19 @@ class MemoryImage:
             self.source = None
         if self._own and not self.keep and self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
+
+
+_gather: Optional[np.ndarray] = None
+
+
+def _gather_buffer(rows: int, page_size: int) -> np.ndarray:
+    """A (rows, page_size) buffer reused between writes: gathering into fresh
+    memory would fault in every page of it each time."""
+    global _gather
+    need = rows * page_size
+    if _gather is None or _gather.size < need:
+        _gather = np.empty(max(need, _GATHER * 4096), dtype=np.uint8)
+    return _gather[:need].reshape(rows, page_size)
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
