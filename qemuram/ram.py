@@ -397,28 +397,33 @@ class RamDecoder:
         avail = min((len(buf) - p) // stride, MAX_RUN_BYTES // stride)
         if avail == 0:
             return None
-        want = np.uint64(kind | RamFlag.CONTINUE)
-        align = np.uint64((P - 1) & ~RAM_FLAGS_MASK)
-        limit = np.uint64(self.current.used_length - P)
+        used = self.current.used_length
+        if used < P:
+            return None
+        # The low bits of a header (flags, and address bits below a page: P - 1
+        # <= 0xffff) must equal the run's flags exactly; the whole header must
+        # stay below the block's last page (+ those low bits).  Two cheap
+        # passes: a 16-bit compare, then one max() over the headers.
+        low = np.uint16(P - 1)
+        want = np.uint16(kind | RamFlag.CONTINUE)
+        top = np.uint64((used - P) // P * P + P - 1)
         done, step = 0, 16
         while done < avail:
             m = min(avail, done + step)
-            hdr = np.ndarray((m - done,), dtype=">u8", buffer=buf, offset=p + done * stride,
-                             strides=(stride,)).astype(np.uint64)
-            ok = (hdr & _FLAGS) == want
-            addr = hdr & _ADDR
-            ok &= (addr & align) == 0
-            ok &= addr <= limit
+            at = p + done * stride
+            ok = (np.ndarray((m - done,), dtype=">u2", buffer=buf, offset=at + 6,
+                             strides=(stride,)) & low) == want
             if kind == RamFlag.ZERO:
-                fill = np.ndarray((m - done,), dtype=np.uint8, buffer=buf,
-                                  offset=p + done * stride + 8, strides=(stride,))
-                ok &= fill == 0
-            bad = np.flatnonzero(~ok)
-            if bad.size:
-                done += int(bad[0])
-                break
-            done = m
-            step *= 8
+                ok &= np.ndarray((m - done,), dtype=np.uint8, buffer=buf, offset=at + 8,
+                                 strides=(stride,)) == 0
+            hdr = np.ndarray((m - done,), dtype=">u8", buffer=buf, offset=at, strides=(stride,))
+            if ok.all() and hdr.max() <= top:
+                done = m
+                step *= 8
+                continue
+            ok &= hdr.astype(np.uint64) <= top
+            done += int(np.flatnonzero(~ok)[0])
+            break
         if done == 0:
             return None
         hdr = np.ndarray((done,), dtype=">u8", buffer=buf, offset=p, strides=(stride,))
