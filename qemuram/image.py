@@ -18,7 +18,7 @@ import numpy as np
 from . import mapped_ram, xbzrle
 from .errors import StreamError, UsageError
 from .records import (CompressedPage, MappedRamArea, PageRun, RamBlockEntry, RamBlockInfo,
-                      RamMemSize, XbzrlePage)
+                      RamMemSize, XbzrlePage, XbzrleRun)
 from .wire import RamFlag
 
 
@@ -90,6 +90,15 @@ class RamBlock:
             parts.append(chunk)
             done += len(chunk)
         return b"".join(parts)
+
+    def read_into(self, offset: int, out) -> None:
+        """Fill the writable buffer ``out`` from ``offset`` (no bounds check)."""
+        view = memoryview(out).cast("B")
+        while len(view):
+            n = os.preadv(self._fd, [view], offset)
+            if not n:
+                raise OSError(f"short read from {self.path}")
+            view, offset = view[n:], offset + n
 
     def read_pages(self, first: int, count: int) -> np.ndarray:
         """(count, page size) copy of pages ``first`` .. ``first+count-1``."""
@@ -244,6 +253,13 @@ class MemoryImage:
             blk.write(i * P, page)
             blk.sent[i] = True
             blk.counts["xbzrle"] += 1
+        elif isinstance(rec, XbzrleRun):
+            blk = self.blocks[rec.block]
+            idx = (rec.page_offsets // np.uint64(blk.target_page_size)).astype(np.intp)
+            for lo, hi in _distinct_spans(idx):
+                _apply_xbzrle(blk, rec, idx, lo, hi)
+            blk.sent[idx] = True
+            blk.counts["xbzrle"] += rec.count
         elif isinstance(rec, CompressedPage):
             blk = self.blocks[rec.block]
             P = blk.target_page_size
@@ -284,6 +300,12 @@ class MemoryImage:
             xbzrle.decode(rec.encoded, bytearray(blk.target_page_size), offset=data_at)
             blk.sent[rec.page_offset // blk.target_page_size] = True
             blk.counts["xbzrle"] += 1
+        elif isinstance(rec, XbzrleRun):
+            blk = self.blocks[rec.block]
+            xbzrle.decode_many(rec.data, rec.starts, rec.lengths,
+                               page_size=blk.target_page_size, offset=rec.offset)
+            blk.sent[(rec.page_offsets // np.uint64(blk.target_page_size)).astype(np.intp)] = True
+            blk.counts["xbzrle"] += rec.count
         elif isinstance(rec, CompressedPage):
             blk = self.blocks[rec.block]
             try:
@@ -333,6 +355,41 @@ class MemoryImage:
             b.close()
         if self._own and not self.keep:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _distinct_spans(idx: np.ndarray):
+    """Split a run's page indices into consecutive spans without a repeated
+    page, so each span's deltas can be applied at once (a page sent twice
+    needs its first delta applied before the second)."""
+    n = idx.size
+    if np.unique(idx).size == n:
+        return [(0, n)]
+    spans, seen, lo = [], set(), 0
+    for k, i in enumerate(idx.tolist()):
+        if i in seen:
+            spans.append((lo, k))
+            seen.clear()
+            lo = k
+        seen.add(i)
+    spans.append((lo, n))
+    return spans
+
+
+def _apply_xbzrle(blk: RamBlock, rec: XbzrleRun, idx: np.ndarray, lo: int, hi: int) -> None:
+    """Read the span's pages (sorted, one read per consecutive group), apply
+    the deltas in one go, write the pages back."""
+    P = blk.target_page_size
+    sub = idx[lo:hi]
+    order = np.argsort(sub, kind="stable")
+    pages_idx = sub[order]
+    rows = np.empty(sub.size, dtype=np.intp)
+    rows[order] = np.arange(sub.size)
+    pages = np.empty((sub.size, P), dtype=np.uint8)
+    for first, end, k in _runs(pages_idx):
+        blk.read_into(first * P, pages[k:k + end - first])
+    xbzrle.decode_many(rec.data, rec.starts[lo:hi], rec.lengths[lo:hi], pages, rows=rows,
+                       offset=rec.offset)
+    blk.write_pages(pages_idx, pages)
 
 
 def _nonzero_rows(data: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ is what makes a multi-GB stream of millions of records fast.
 """
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
@@ -20,7 +21,7 @@ from . import mapped_ram
 from .errors import (DuplicateBlock, PageOutOfRange, PageSizeError,
                      StreamError, UnknownBlock, UnknownFlags, XBZRLEError, BadZeroPage)
 from .records import (CompressedPage, MappedRamArea, PageRun, RamBlockEntry, RamBlockInfo,
-                      RamEos, RamMemSize, RamMultifdFlush, XbzrlePage)
+                      RamEos, RamMemSize, RamMultifdFlush, XbzrlePage, XbzrleRun)
 from .wire import ENCODING_FLAG_XBZRLE, RAM_FLAGS_MASK, RamFlag, SectionType
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,7 +29,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _FLAGS = np.uint64(RAM_FLAGS_MASK)
 _ADDR = np.uint64(~RAM_FLAGS_MASK & 0xFFFFFFFFFFFFFFFF)
+_ADDR_INT = ~RAM_FLAGS_MASK & 0xFFFFFFFFFFFFFFFF
 MAX_COMPRESSED = 1 << 20
+XBZRLE_RUN_MAX = 4096             # records per XbzrleRun (bounds the pages held at once)
+_XBZRLE_HEAD = struct.Struct(">QBH")  # header, encoding flag, length
+_XBZRLE_CONT = int(RamFlag.XBZRLE | RamFlag.CONTINUE)
 
 
 class RamDecoder:
@@ -44,6 +49,7 @@ class RamDecoder:
         self._list_remaining = 0          # mapped-ram: block entries still to come
         self._area: Optional[Tuple[str, int]] = None  # (block, absolute end) being streamed
         self.area_chunk = 8 << 20
+        self.xbzrle_runs = False          # yield XbzrleRun batches (see Decoder)
 
     # --------------------------------------------------------------- framing hooks
     @property
@@ -328,6 +334,10 @@ class RamDecoder:
             run = self._scan_run(p, kind, P)
             if run is not None:
                 return run
+        elif (self.xbzrle_runs and flags == _XBZRLE_CONT and self.current is not None):
+            run = self._scan_xbzrle(p, P)
+            if run is not None:
+                return run
         block, q = self._block_at(p, h, flags)
         self._check_page(block, addr, P, p)
         named = not flags & RamFlag.CONTINUE
@@ -374,6 +384,39 @@ class RamDecoder:
         self.current = block
         d._pos = end
         return ev
+
+    def _scan_xbzrle(self, p: int, P: int) -> Optional[XbzrleRun]:
+        """Consecutive CONTINUE XBZRLE records from ``p`` that are fully
+        buffered and well framed; None if the first is not (the per-record
+        path then reports the precise error or waits for data).  The deltas
+        themselves are checked when applied."""
+        d = self.d
+        buf = d._buf
+        n = len(buf)
+        limit = self.current.used_length - P
+        misaligned = P - 1
+        unpack = _XBZRLE_HEAD.unpack_from
+        addrs: List[int] = []
+        starts: List[int] = []
+        lengths: List[int] = []
+        pos = p
+        while pos + 11 <= n and len(addrs) < XBZRLE_RUN_MAX:
+            h, enc, length = unpack(buf, pos)
+            addr = h & _ADDR_INT
+            if (h & RAM_FLAGS_MASK != _XBZRLE_CONT or addr & misaligned or addr > limit
+                    or enc != ENCODING_FLAG_XBZRLE or length > P or pos + 11 + length > n):
+                break
+            addrs.append(addr)
+            starts.append(pos + 11 - p)
+            lengths.append(length)
+            pos += 11 + length
+        if not addrs:
+            return None
+        d._pos = pos
+        return XbzrleRun(block=self.current.name, page_offsets=np.array(addrs, dtype=np.uint64),
+                         data=np.frombuffer(buf, dtype=np.uint8, count=pos - p, offset=p),
+                         starts=np.array(starts, dtype=np.int64),
+                         lengths=np.array(lengths, dtype=np.int64), offset=d.abs(p))
 
     def _scan_run(self, p: int, kind: int, P: int) -> Optional[PageRun]:
         """Longest run of CONTINUE records of ``kind`` starting at ``p`` that is
@@ -546,6 +589,8 @@ def encode_ram_record(rec, page_size: Optional[int]) -> bytes:
             out += _name_bytes(rec.block)
         enc = bytes(rec.encoded)
         return out + bytes([ENCODING_FLAG_XBZRLE]) + len(enc).to_bytes(2, "big") + enc
+    if isinstance(rec, XbzrleRun):
+        return encode_xbzrle_run(rec)
     if isinstance(rec, CompressedPage):
         flags = RamFlag.COMPRESS_PAGE | (0 if rec.named else RamFlag.CONTINUE)
         out = (rec.page_offset | flags).to_bytes(8, "big")
@@ -554,3 +599,26 @@ def encode_ram_record(rec, page_size: Optional[int]) -> bytes:
         comp = bytes(rec.compressed)
         return out + len(comp).to_bytes(4, "big") + comp
     raise TypeError(f"not a ram record: {type(rec).__name__}")
+
+
+def encode_xbzrle_run(run: XbzrleRun) -> bytes:
+    """Bytes of a run of CONTINUE XBZRLE records (numpy assembles them all)."""
+    k = run.count
+    if k == 0:
+        return b""
+    lengths = np.asarray(run.lengths, dtype=np.int64)
+    starts = np.asarray(run.starts, dtype=np.int64)
+    size = 11 + lengths
+    at = np.cumsum(size) - size
+    out = np.empty(int(size.sum()), dtype=np.uint8)
+    hdr = (np.asarray(run.page_offsets, dtype=np.uint64) | np.uint64(_XBZRLE_CONT))
+    out[at[:, None] + np.arange(8)] = hdr.astype(">u8").view(np.uint8).reshape(k, 8)
+    out[at + 8] = ENCODING_FLAG_XBZRLE
+    out[at + 9] = lengths >> 8
+    out[at + 10] = lengths & 0xFF
+    total = int(lengths.sum())
+    if total:
+        step = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        data = np.asarray(run.data, dtype=np.uint8).reshape(-1)
+        out[np.repeat(at + 11, lengths) + step] = data[np.repeat(starts, lengths) + step]
+    return out.tobytes()

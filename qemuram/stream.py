@@ -11,10 +11,10 @@ from .image import MemoryImage, RamBlock
 from .ram import page_run_matches
 from .records import (CommandRecord, CompressedPage, Configuration, MappedRamArea,
                       OpaquePayload, PageRun, RamBlockEntry, RamEos, RamMemSize,
-                      RamMultifdFlush, SectionFooter, SectionHeader, XbzrlePage)
+                      RamMultifdFlush, SectionFooter, SectionHeader, XbzrlePage, XbzrleRun)
 from .wire import RamFlag, SectionType
 
-RAM_RECORDS = (PageRun, XbzrlePage, CompressedPage, RamEos, RamMultifdFlush, RamMemSize,
+RAM_RECORDS = (PageRun, XbzrlePage, XbzrleRun, CompressedPage, RamEos, RamMultifdFlush, RamMemSize,
                RamBlockEntry, MappedRamArea)
 
 
@@ -147,7 +147,7 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_round
         vm = qio.read_vmdesc_ahead(f, f.tell())
         if vm is not None:
             opts["vmdesc"] = vm
-    dec = Decoder(**opts)
+    dec = Decoder(xbzrle_runs=True, **opts)
     cur: Optional[RamSectionSummary] = None
     last_report = 0
     for rec in qio.iter_records(f, decoder=dec):
@@ -169,6 +169,8 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_round
                         cur.zero_records += rec.count
                     else:
                         cur.page_records += rec.count
+                elif isinstance(rec, XbzrleRun):
+                    cur.xbzrle_records += rec.count
                 elif isinstance(rec, XbzrlePage):
                     cur.xbzrle_records += 1
                 elif isinstance(rec, RamMultifdFlush):

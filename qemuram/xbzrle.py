@@ -51,7 +51,7 @@ import numpy as np
 
 from .errors import UsageError, XBZRLEError
 
-__all__ = ["encode", "decode", "host_variant", "uleb128_encode", "uleb128_decode",
+__all__ = ["encode", "decode", "decode_many", "host_variant", "uleb128_encode", "uleb128_decode",
            "ULEB128_MAX", "VARIANTS"]
 
 ULEB128_MAX = 0x3FFF
@@ -361,3 +361,101 @@ def decode(data, page, *, offset: int = 0) -> None:
     out = memoryview(dst)
     for d, j, count in runs:
         out[d:d + count] = src[j:j + count]
+
+
+def decode_many(buf, starts, lengths, pages=None, *, page_size: Optional[int] = None,
+                rows=None, offset: int = 0) -> None:
+    """Apply many deltas at once: ``buf[starts[k]:starts[k] + lengths[k]]``
+    to row ``rows[k]`` (default ``k``) of the (pages, size) uint8 array
+    ``pages``.  ``pages=None`` only checks the deltas (``page_size`` then
+    gives the size).  Rows must be distinct.
+
+    Same acceptance and errors as ``decode`` on each delta in turn, and all
+    or nothing.  Why: every delta's pairs are walked in lock step, one numpy
+    pass per pair index instead of a Python step per pair; the first sign of
+    trouble hands over to ``decode`` for the exact error.
+    """
+    b = _as_u8(buf)
+    s = np.asarray(starts, dtype=np.int64).reshape(-1)
+    e = s + np.asarray(lengths, dtype=np.int64).reshape(-1)
+    count = s.size
+    if pages is not None:
+        if (not isinstance(pages, np.ndarray) or pages.dtype != np.uint8 or pages.ndim != 2
+                or not pages.flags.c_contiguous):
+            raise UsageError("pages must be a C-contiguous (pages, page size) uint8 array")
+        flat = _as_u8(pages, writable=True)
+        size = pages.shape[1]
+    elif page_size is not None:
+        size = page_size
+    else:
+        raise UsageError("decode_many needs pages or page_size")
+    if count and (int(s.min()) < 0 or int(e.max()) > b.size):
+        raise UsageError("a delta lies outside the buffer")
+    # Two spare bytes so reads past a delta's end stay inside the array;
+    # such reads are masked out by the length checks below.
+    bp = np.zeros(b.size + 4, dtype=np.uint8)
+    bp[:b.size] = b
+    rec = np.flatnonzero(e > s)
+    pos = s[rec]
+    end = e[rec]
+    d = np.zeros(rec.size, dtype=np.int64)
+    parts = []
+    first = True
+    while rec.size:
+        ok = end - pos >= 2
+        b0 = bp[pos]
+        b1 = bp[pos + 1]
+        two = b0 >= 0x80
+        z = np.where(two, (b0 & 0x7F) | (b1.astype(np.int64) << 7), b0)
+        ok &= ~two | (b1 < 0x80)
+        if not first:
+            ok &= z != 0
+        j = pos + 1 + two
+        c0 = bp[j]
+        c1 = bp[j + 1]
+        ok &= end - j >= 2
+        ctwo = c0 >= 0x80
+        c = np.where(ctwo, (c0 & 0x7F) | (c1.astype(np.int64) << 7), c0)
+        ok &= ~ctwo | (c1 < 0x80)
+        ok &= c != 0
+        data = j + 1 + ctwo
+        nxt = data + c
+        at = d + z
+        d = at + c
+        ok &= (nxt <= end) & (d <= size)
+        if not ok.all():
+            return _decode_each(b, s, e, pages, size, rows, offset)
+        parts.append((rec, at, data, c))
+        more = nxt < end
+        if not more.all():
+            rec, end, d, nxt = rec[more], end[more], d[more], nxt[more]
+        pos = nxt
+        first = False
+    if pages is None or not parts:
+        return None
+    rec = np.concatenate([p[0] for p in parts])
+    at = np.concatenate([p[1] for p in parts])
+    src = np.concatenate([p[2] for p in parts])
+    c = np.concatenate([p[3] for p in parts])
+    row = rec if rows is None else np.asarray(rows, dtype=np.int64)[rec]
+    dst = row * size + at
+    if int(c.max()) == 1:
+        flat[dst] = b[src]
+        return None
+    step = np.arange(int(c.sum()), dtype=np.int64) - np.repeat(np.cumsum(c) - c, c)
+    flat[np.repeat(dst, c) + step] = b[np.repeat(src, c) + step]
+    return None
+
+
+def _decode_each(b, s, e, pages, size, rows, offset):
+    """Slow path: check every delta in order (raising the first error), then
+    apply them."""
+    scratch = bytearray(size)
+    for k in range(s.size):
+        decode(b[s[k]:e[k]], scratch, offset=offset + int(s[k]))
+    if pages is None:
+        return None
+    for k in range(s.size):
+        r = k if rows is None else int(rows[k])
+        decode(b[s[k]:e[k]], pages[r], offset=offset + int(s[k]))
+    return None
