@@ -391,10 +391,92 @@ def decode_many(buf, starts, lengths, pages=None, *, page_size: Optional[int] = 
         raise UsageError("decode_many needs pages or page_size")
     if count and (int(s.min()) < 0 or int(e.max()) > b.size):
         raise UsageError("a delta lies outside the buffer")
-    # Two spare bytes so reads past a delta's end stay inside the array;
-    # such reads are masked out by the length checks below.
+    # Spare bytes so reads past a delta's end stay inside the array; the
+    # length checks reject whatever such reads produce.
     bp = np.zeros(b.size + 4, dtype=np.uint8)
     bp[:b.size] = b
+    walked = _walk_short(bp, s, e, size, pages is not None)
+    if walked is None:
+        walked = _walk(bp, s, e, size)
+    if walked is None:
+        return _decode_each(b, s, e, pages, size, rows, offset)
+    if pages is None:
+        return None
+    rec, at, src, c = walked
+    if not rec.size:
+        return None
+    row = rec if rows is None else np.asarray(rows, dtype=np.int64)[rec]
+    dst = row * size + at
+    if int(c.max()) == 1:
+        flat[dst] = b[src]
+        return None
+    step = np.arange(int(c.sum()), dtype=np.int64) - np.repeat(np.cumsum(c) - c, c)
+    flat[np.repeat(dst, c) + step] = b[np.repeat(src, c) + step]
+    return None
+
+
+def _walk_short(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int, pairs: bool):
+    """The pairs of every delta, when all lengths are one byte (the usual
+    case: QEMU sends runs under 128 bytes): (delta, page position, data
+    position, length) arrays (empty unless ``pairs``), or None if any delta
+    needs a closer look."""
+    rec = np.flatnonzero(e > s)
+    pos = s[rec]
+    end = e[rec]
+    d = np.zeros(rec.size, dtype=np.int64)
+    last_pos = np.empty(s.size, dtype=np.int64)
+    last_d = np.empty(s.size, dtype=np.int64)
+    steps = []
+    same = True                    # every delta has the same number of pairs
+    while rec.size:
+        z = bp[pos]
+        data = pos + 2
+        c = bp[pos + 1]
+        nxt = data + c
+        d = d + z + c
+        steps.append((rec, z, c, d, data))
+        more = nxt < end
+        if more.all():
+            pos = nxt
+            continue
+        done = ~more
+        last_pos[rec[done]] = nxt[done]
+        last_d[rec[done]] = d[done]
+        if not more.any():
+            break
+        same = False
+        rec, pos, end, d = rec[more], nxt[more], end[more], d[more]
+    if not steps:
+        return _EMPTY_WALK
+    live = steps[0][0]
+    if not (np.array_equal(last_pos[live], e[live]) and int(last_d[live].max()) <= size):
+        return None
+    z = np.concatenate([st[1] for st in steps])
+    c = np.concatenate([st[2] for st in steps])
+    if not (((z | c) < 0x80).all() and c.all() and z[live.size:].all()):
+        return None
+    if not pairs:
+        return _EMPTY_WALK
+    n = len(steps)
+    if same and n > 1:
+        # Delta by delta rather than pair index by pair index: the page
+        # writes then walk each page in turn (about 3x faster).
+        def cat(k):
+            return np.stack([st[k] for st in steps], axis=1).reshape(-1)
+        c = cat(2).astype(np.int64)
+        return np.repeat(live, n), cat(3) - c, cat(4), c
+
+    def cat(k):
+        return np.concatenate([st[k] for st in steps])
+    c = c.astype(np.int64)
+    return cat(0), cat(3) - c, cat(4), c
+
+
+_EMPTY_WALK = (np.zeros(0, dtype=np.int64),) * 4
+
+
+def _walk(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int):
+    """Like ``_walk_short`` for any valid delta; None if one is not."""
     rec = np.flatnonzero(e > s)
     pos = s[rec]
     end = e[rec]
@@ -424,27 +506,16 @@ def decode_many(buf, starts, lengths, pages=None, *, page_size: Optional[int] = 
         d = at + c
         ok &= (nxt <= end) & (d <= size)
         if not ok.all():
-            return _decode_each(b, s, e, pages, size, rows, offset)
+            return None
         parts.append((rec, at, data, c))
         more = nxt < end
         if not more.all():
             rec, end, d, nxt = rec[more], end[more], d[more], nxt[more]
         pos = nxt
         first = False
-    if pages is None or not parts:
-        return None
-    rec = np.concatenate([p[0] for p in parts])
-    at = np.concatenate([p[1] for p in parts])
-    src = np.concatenate([p[2] for p in parts])
-    c = np.concatenate([p[3] for p in parts])
-    row = rec if rows is None else np.asarray(rows, dtype=np.int64)[rec]
-    dst = row * size + at
-    if int(c.max()) == 1:
-        flat[dst] = b[src]
-        return None
-    step = np.arange(int(c.sum()), dtype=np.int64) - np.repeat(np.cumsum(c) - c, c)
-    flat[np.repeat(dst, c) + step] = b[np.repeat(src, c) + step]
-    return None
+    if not parts:
+        return _EMPTY_WALK
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
 
 
 def _decode_each(b, s, e, pages, size, rows, offset):
