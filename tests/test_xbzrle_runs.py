@@ -303,6 +303,23 @@ def test_decode_many_long_and_single_byte_runs():
     assert np.array_equal(only, new[:1])
 
 
+@pytest.mark.parametrize("shift", [0, 1])
+def test_decode_many_equal_pair_counts_with_different_lengths(shift):
+    # every delta has three pairs (all one-byte lengths) but the runs differ
+    encs = [b"\x01\x02ab\x03\x01c\x05\x04defg", b"\x00\x05hijkl\x02\x01m\x01\x02no",
+            b"\x7f\x01p\x10\x03qrs\x02\x01t"]
+    if shift:
+        encs[2] = encs[2][:-3] + b"\x01\x02tu"
+    buf = b"".join(encs)
+    starts = np.cumsum([0] + [len(e) for e in encs[:-1]])
+    pages = np.random.default_rng(1).integers(0, 256, size=(3, 256), dtype=np.uint8)
+    want = pages.copy()
+    for k, e in enumerate(encs):
+        xbzrle.decode(e, want[2 - k])
+    xbzrle.decode_many(buf, starts, [len(e) for e in encs], pages, rows=[2, 1, 0])
+    assert np.array_equal(pages, want)
+
+
 def test_decode_many_rejects_bad_arguments():
     with pytest.raises(UsageError):
         xbzrle.decode_many(b"\x00\x01A", [0], [3])
@@ -310,3 +327,88 @@ def test_decode_many_rejects_bad_arguments():
         xbzrle.decode_many(b"\x00\x01A", [0], [3], np.zeros((2, 8), np.uint8)[:, ::2])
     with pytest.raises(UsageError):
         xbzrle.decode_many(b"\x00\x01A", [1], [3], page_size=8)
+
+
+# ------------------------------------------------------- equal-length records
+
+def _equal_length_stream(n=300, odd=(120,)):
+    """One long run of XBZRLE records that all change one byte per 64, so
+    their deltas have the same length (as QEMU's often do), except records
+    in ``odd``, which change one more byte.  Returns (bytes, model, offsets of
+    each record's header)."""
+    rng = np.random.default_rng(7)
+    first = rng.integers(0, 256, size=(NPAGES, P), dtype=np.uint8)
+    model = Model()
+    for i in range(NPAGES):
+        model.page(i, first[i])
+    ram = []
+    for k in range(n):
+        i = (k * 5) % NPAGES
+        new = bytearray(model.mem[i])
+        for j in range(0, P, 64):
+            new[j] ^= 0x80 | (k & 0x7F)
+        if k in odd:
+            new[P - 2] ^= 0x01
+        enc = xbzrle.encode(model.mem[i], bytes(new))
+        model.xbzrle(i, enc)
+        ram.append(XbzrlePage(BLOCK, i * P, False, enc))
+    recs = [
+        Header(), Configuration("pc-q35-10.0"),
+        SectionHeader(SectionType.START, 0, "ram", 0, 4),
+        RamMemSize(NPAGES * P, [RamBlockInfo(BLOCK, NPAGES * P)]), RamEos(), SectionFooter(0),
+        SectionHeader(SectionType.PART, 0, "ram"),
+        PageRun(RamFlag.PAGE, BLOCK, np.arange(NPAGES, dtype=np.uint64) * np.uint64(P), True,
+                data=first),
+        *ram, RamEos(), SectionFooter(0),
+        SectionHeader(SectionType.END, 0, "ram"), RamEos(), SectionFooter(0), EndOfStream(),
+    ]
+    parts = [encode_record(r, P) for r in recs]
+    at = len(b"".join(parts[:8]))
+    heads = []
+    for raw in parts[8:8 + n]:
+        heads.append(at)
+        at += len(raw)
+    return b"".join(parts), model, heads
+
+
+def test_equal_length_records():
+    data, model, heads = _equal_length_stream()
+    dec = Decoder(xbzrle_runs=True, page_size=P)
+    dec.feed(data)
+    dec.feed_eof()
+    runs = [ev for ev in dec if isinstance(ev, XbzrleRun)]
+    assert sum(r.count for r in runs) == 300
+    assert b"".join(encode_record(r, P) for r in runs) == data[heads[0]:heads[-1] + 11 + 192]
+    with qemuram.open(io.BytesIO(data), page_size=P, verify=True) as st:
+        assert st.roundtrip
+        assert st.ram[BLOCK].read(0, NPAGES * P) == b"".join(model.mem)
+
+
+@pytest.mark.parametrize("k,field", [(200, "flag"), (200, "length"), (201, "misaligned"),
+                                     (202, "range"), (203, "kind"), (121, "flag")])
+def test_bad_framing_among_equal_length_records(k, field):
+    data, _, heads = _equal_length_stream()
+    d = bytearray(data)
+    at = heads[k]
+    h = int.from_bytes(d[at:at + 8], "big")
+    if field == "flag":
+        d[at + 8], where, cls = 7, at + 8, XBZRLEError
+    elif field == "length":
+        d[at + 9:at + 11] = (P + 1).to_bytes(2, "big")
+        where, cls = at + 9, XBZRLEError
+    elif field == "misaligned":
+        d[at:at + 8] = (h + 0x400).to_bytes(8, "big")
+        where, cls = at, qemuram.errors.PageOutOfRange
+    elif field == "range":
+        d[at:at + 8] = ((NPAGES * P) | (h & 0x3FF)).to_bytes(8, "big")
+        where, cls = at, qemuram.errors.PageOutOfRange
+    else:   # a PAGE record header: the rest no longer parses as records
+        d[at:at + 8] = ((h & ~0x3FF) | 0x28).to_bytes(8, "big")
+        where, cls = None, qemuram.errors.StreamError
+    with pytest.raises(cls) as e:
+        qemuram.open(io.BytesIO(bytes(d)), page_size=P)
+    if where is not None:
+        assert e.value.offset == where
+    with pytest.raises(cls) as single:              # record by record
+        decode_all(bytes(d), page_size=P)
+    assert (type(single.value), single.value.offset) == (type(e.value), e.value.offset)
