@@ -23,6 +23,7 @@ from .wire import RamFlag
 
 
 _GATHER = 4096                   # pages gathered per contiguous write
+_XBZRLE_PAGES = 1024             # pages patched at once (bounds the memory it takes)
 _ZEROS = bytes(1 << 20)
 
 
@@ -257,7 +258,8 @@ class MemoryImage:
             blk = self.blocks[rec.block]
             idx = (rec.page_offsets // np.uint64(blk.target_page_size)).astype(np.intp)
             for lo, hi in _distinct_spans(idx):
-                _apply_xbzrle(blk, rec, idx, lo, hi)
+                for at in range(lo, hi, _XBZRLE_PAGES):
+                    _apply_xbzrle(blk, rec, idx, at, min(hi, at + _XBZRLE_PAGES))
             blk.sent[idx] = True
             blk.counts["xbzrle"] += rec.count
         elif isinstance(rec, CompressedPage):

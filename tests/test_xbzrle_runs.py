@@ -412,3 +412,11 @@ def test_bad_framing_among_equal_length_records(k, field):
     with pytest.raises(cls) as single:              # record by record
         decode_all(bytes(d), page_size=P)
     assert (type(single.value), single.value.offset) == (type(e.value), e.value.offset)
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_runs_patched_in_chunks(monkeypatch, chunk):
+    monkeypatch.setattr(qemuram.image, "_XBZRLE_PAGES", chunk)
+    for data, model in (_stream()[:2], _equal_length_stream()[:2]):
+        with qemuram.open(io.BytesIO(data), page_size=P) as st:
+            assert st.ram[BLOCK].read(0, NPAGES * P) == b"".join(model.mem)
