@@ -34,6 +34,8 @@ MAX_COMPRESSED = 1 << 20
 XBZRLE_RUN_MAX = 4096             # records per XbzrleRun (bounds the pages held at once)
 _XBZRLE_HEAD = struct.Struct(">QBH")  # header, encoding flag, length
 _XBZRLE_CONT = int(RamFlag.XBZRLE | RamFlag.CONTINUE)
+# Plain ints for per-record tests: "&" on an IntFlag makes a flag object.
+_CONTINUE = int(RamFlag.CONTINUE)
 
 
 class RamDecoder:
@@ -75,7 +77,7 @@ class RamDecoder:
         h = d.be64(p)
         flags = h & RAM_FLAGS_MASK
         addr = h & ~RAM_FLAGS_MASK
-        kind = flags & ~RamFlag.CONTINUE
+        kind = flags & ~_CONTINUE
         if flags == RamFlag.MEM_SIZE:
             return self._mem_size(p, addr)
         if flags == RamFlag.EOS and addr == 0:
@@ -298,7 +300,7 @@ class RamDecoder:
         """The record's block and where its payload starts."""
         d = self.d
         q = p + 8
-        if flags & RamFlag.CONTINUE:
+        if flags & _CONTINUE:
             if self.current is None:
                 raise UnknownBlock("CONTINUE page record before any block was named",
                                    offset=d.abs(p), section="ram")
@@ -330,7 +332,7 @@ class RamDecoder:
         d = self.d
         P = d.require_page_size()
         addr = h & ~RAM_FLAGS_MASK
-        if flags & RamFlag.CONTINUE and kind in (RamFlag.ZERO, RamFlag.PAGE) and self.current:
+        if flags & _CONTINUE and kind in (RamFlag.ZERO, RamFlag.PAGE) and self.current:
             run = self._scan_run(p, kind, P)
             if run is not None:
                 return run
@@ -340,7 +342,7 @@ class RamDecoder:
                 return run
         block, q = self._block_at(p, h, flags)
         self._check_page(block, addr, P, p)
-        named = not flags & RamFlag.CONTINUE
+        named = not flags & _CONTINUE
         if kind == RamFlag.ZERO:
             d.need(1, "zero page fill byte", q)
             if d.u8(q):
