@@ -415,6 +415,11 @@ def decode_many(buf, starts, lengths, pages=None, *, page_size: Optional[int] = 
     return None
 
 
+_TAIL = 8
+"""When this few deltas are left to walk, the rest is walked in Python: one
+numpy pass per pair index would cost more than a Python step per pair."""
+
+
 def _walk_short(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int, pairs: bool):
     """The pairs of every delta, when all lengths are one byte (the usual
     case: QEMU sends runs under 128 bytes): (delta, page position, data
@@ -427,8 +432,16 @@ def _walk_short(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int, pairs: 
     last_pos = np.empty(s.size, dtype=np.int64)
     last_d = np.empty(s.size, dtype=np.int64)
     steps = []
+    tail = None
     same = True                    # every delta has the same number of pairs
     while rec.size:
+        if rec.size <= _TAIL:
+            tail = _walk_tail(bp, rec, pos, end, d, not steps, size)
+            if tail is None:
+                return None
+            last_pos[rec] = end
+            last_d[rec] = 0
+            break
         z = bp[pos]
         data = pos + 2
         c = bp[pos + 1]
@@ -447,7 +460,7 @@ def _walk_short(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int, pairs: 
         same = False
         rec, pos, end, d = rec[more], nxt[more], end[more], d[more]
     if not steps:
-        return _EMPTY_WALK
+        return _EMPTY_WALK if tail is None or not pairs else tail
     live = steps[0][0]
     if not (np.array_equal(last_pos[live], e[live]) and int(last_d[live].max()) <= size):
         return None
@@ -458,7 +471,7 @@ def _walk_short(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int, pairs: 
     if not pairs:
         return _EMPTY_WALK
     n = len(steps)
-    if same and n > 1:
+    if same and n > 1 and tail is None:
         # Delta by delta rather than pair index by pair index: the page
         # writes then walk each page in turn (about 3x faster).
         def cat(k):
@@ -469,7 +482,10 @@ def _walk_short(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int, pairs: 
     def cat(k):
         return np.concatenate([st[k] for st in steps])
     c = c.astype(np.int64)
-    return cat(0), cat(3) - c, cat(4), c
+    out = (cat(0), cat(3) - c, cat(4), c)
+    if tail is not None:
+        out = tuple(np.concatenate(x) for x in zip(out, tail))
+    return out
 
 
 _EMPTY_WALK = (np.zeros(0, dtype=np.int64),) * 4
@@ -484,6 +500,12 @@ def _walk(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int):
     parts = []
     first = True
     while rec.size:
+        if rec.size <= _TAIL:
+            tail = _walk_tail(bp, rec, pos, end, d, first, size)
+            if tail is None:
+                return None
+            parts.append(tail)
+            break
         ok = end - pos >= 2
         b0 = bp[pos]
         b1 = bp[pos + 1]
@@ -516,6 +538,51 @@ def _walk(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int):
     if not parts:
         return _EMPTY_WALK
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
+
+
+def _walk_tail(bp: np.ndarray, rec, pos, end, d, first: bool, size: int):
+    """The remaining pairs of deltas ``rec`` (at ``pos``, page position
+    ``d``), one Python step per pair, with ``decode``'s checks; None if one
+    is invalid."""
+    out_rec, out_at, out_data, out_c = [], [], [], []
+    for r, p, n, at in zip(rec.tolist(), pos.tolist(), (end - pos).tolist(), d.tolist()):
+        src = bp[p:p + n].tobytes()
+        i = 0
+        lead = first               # at the delta's first pair (a zero run of 0 is allowed)
+        while i < n:
+            if n - i < 2:
+                return None
+            z = src[i]
+            if z < 0x80:
+                i += 1
+            elif src[i + 1] < 0x80:
+                z = (z & 0x7F) | (src[i + 1] << 7)
+                i += 2
+            else:
+                return None
+            if not z and not lead:
+                return None
+            if n - i < 2:
+                return None
+            c = src[i]
+            if c < 0x80:
+                i += 1
+            elif src[i + 1] < 0x80:
+                c = (c & 0x7F) | (src[i + 1] << 7)
+                i += 2
+            else:
+                return None
+            at += z
+            if not c or at + c > size or i + c > n:
+                return None
+            out_rec.append(r)
+            out_at.append(at)
+            out_data.append(p + i)
+            out_c.append(c)
+            at += c
+            i += c
+            lead = False
+    return tuple(np.array(x, dtype=np.int64) for x in (out_rec, out_at, out_data, out_c))
 
 
 def _decode_each(b, s, e, pages, size, rows, offset):

@@ -254,9 +254,18 @@ def _deltas(draw):
 
 @settings(max_examples=150, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(encs=st.lists(_deltas(), min_size=1, max_size=8), gap=st.integers(0, 3),
-       seed=st.integers(0, 1000))
-def test_decode_many_matches_decode(encs, gap, seed):
+@given(encs=st.lists(_deltas(), min_size=1, max_size=24), gap=st.integers(0, 3),
+       seed=st.integers(0, 1000), tail=st.sampled_from([0, 2, 8, 100]))
+def test_decode_many_matches_decode(encs, gap, seed, tail):
+    # tail: how few deltas are left when the rest is walked in Python
+    saved, xbzrle._TAIL = xbzrle._TAIL, tail
+    try:
+        _check_many(encs, gap, seed)
+    finally:
+        xbzrle._TAIL = saved
+
+
+def _check_many(encs, gap, seed):
     size = 1024
     rng = np.random.default_rng(seed)
     buf, starts = b"", []
@@ -318,6 +327,33 @@ def test_decode_many_equal_pair_counts_with_different_lengths(shift):
         xbzrle.decode(e, want[2 - k])
     xbzrle.decode_many(buf, starts, [len(e) for e in encs], pages, rows=[2, 1, 0])
     assert np.array_equal(pages, want)
+
+
+PAIR = b"\x02\x03abc"
+BASE = 5000  # pretend the deltas start at this stream offset
+
+
+@pytest.mark.parametrize("tail", [0, 100])   # numpy walk / Python walk
+@pytest.mark.parametrize("bad,fault", [
+    (b"\x85", 0), (PAIR + b"\x81", 5), (b"\x00\x81", 1), (PAIR + b"\x85\x01", 7),
+    (PAIR + b"\x05", 5), (PAIR + b"\x01\x81\x80\x01", 7), (b"\x80\x80\x01\x01x", 1),
+    (PAIR + b"\x00\x01x", 5), (b"\x00\x00", 1), (PAIR + b"\x01\x80\x00", 6),
+    (b"\x81\x08\x01x", 0), (b"\x80\x08\x01x", 2), (b"\xfe\x07\x03abc", 2),
+    (PAIR + b"\x01\x05ab", 6), (PAIR * 3 + b"\xf2\x07\x01x", 15), (PAIR * 3 + b"\xf1\x07\x01x", 17),
+])
+def test_decode_many_malformed(monkeypatch, tail, bad, fault):
+    monkeypatch.setattr(xbzrle, "_TAIL", tail)
+    encs = [PAIR, b"\x80\x00\x01z" + PAIR, bad, b"\xff\x07\x01y"]
+    buf = b"".join(encs)
+    starts = np.cumsum([0] + [len(e) for e in encs[:-1]])
+    pages = np.random.default_rng(2).integers(0, 256, size=(4, 1024), dtype=np.uint8)
+    before = pages.copy()
+    for target in (pages, None):
+        with pytest.raises(XBZRLEError) as e:
+            xbzrle.decode_many(buf, starts, [len(x) for x in encs], target, page_size=1024,
+                               offset=BASE)
+        assert e.value.offset == BASE + starts[2] + fault
+    assert np.array_equal(pages, before)
 
 
 def test_decode_many_rejects_bad_arguments():
