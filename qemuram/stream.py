@@ -14,8 +14,8 @@ from .records import (CommandRecord, CompressedPage, Configuration, MappedRamAre
                       RamMultifdFlush, SectionFooter, SectionHeader, XbzrlePage, XbzrleRun)
 from .wire import RamFlag, SectionType
 
-RAM_RECORDS = (PageRun, XbzrlePage, XbzrleRun, CompressedPage, RamEos, RamMultifdFlush, RamMemSize,
-               RamBlockEntry, MappedRamArea)
+RAM_RECORDS = (PageRun, XbzrlePage, XbzrleRun, CompressedPage, RamEos, RamMultifdFlush,
+               RamMemSize, RamBlockEntry, MappedRamArea)
 
 
 @dataclass
