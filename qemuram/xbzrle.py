@@ -475,9 +475,14 @@ def _walk_short(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int, pairs: 
         # Delta by delta rather than pair index by pair index: the page
         # writes then walk each page in turn (about 3x faster).
         def cat(k):
-            return np.stack([st[k] for st in steps], axis=1).reshape(-1)
-        c = cat(2).astype(np.int64)
-        return np.repeat(live, n), cat(3) - c, cat(4), c
+            return np.concatenate([st[k] for st in steps]).reshape(n, -1).T.reshape(-1)
+        if int(c.max()) == 1:
+            c = np.ones(c.size, dtype=np.int64)
+        else:
+            c = cat(2).astype(np.int64)
+        at = cat(3)
+        at -= c
+        return np.repeat(live, n), at, cat(4), c
 
     def cat(k):
         return np.concatenate([st[k] for st in steps])
