@@ -103,11 +103,13 @@ class Decoder:
       block_page_sizes {block: host page size} for streams whose postcopy
                        page-size fields are ambiguous
       max_tail         cap on the buffered device-state tail
+      xbzrle_runs      yield consecutive CONTINUE XBZRLE records as one
+                       ``XbzrleRun`` instead of one ``XbzrlePage`` each
     """
 
     def __init__(self, *, page_size: Optional[int] = None, vmdesc: Optional[dict] = None,
                  block_page_sizes: Optional[Dict[str, int]] = None,
-                 max_tail: int = 256 << 20):
+                 max_tail: int = 256 << 20, xbzrle_runs: bool = False):
         self._buf = b""
         self._pos = 0
         self._base = 0               # absolute offset of _buf[0]
@@ -136,6 +138,7 @@ class Decoder:
         self.packaged_end: Optional[int] = None
         self.device_seen: Dict[str, int] = {}
         self.ram = ramcodec.RamDecoder(self, block_page_sizes or {})
+        self.ram.xbzrle_runs = xbzrle_runs
         self._open_section: Optional[tuple] = None  # (section_id, idstr, kind) awaiting footer
         if vmdesc is not None and "page_size" in vmdesc:
             self._set_page_size(int(vmdesc["page_size"]), "vmdesc")

@@ -19,11 +19,12 @@ import numpy as np
 from . import mapped_ram, xbzrle
 from .errors import StreamError, UsageError
 from .records import (CompressedPage, MappedRamArea, PageRun, RamBlockEntry, RamBlockInfo,
-                      RamMemSize, XbzrlePage)
+                      RamMemSize, XbzrlePage, XbzrleRun)
 from .wire import RamFlag
 
 
 _GATHER = 4096                   # pages gathered per contiguous write
+_XBZRLE_PAGES = 1024             # pages patched at once (bounds the memory it takes)
 _ZEROS = bytes(1 << 20)
 
 
@@ -254,6 +255,24 @@ class RamBlock:
                 self._pwrite(chunk.reshape(-1), (first + j) * P)
         self.written[idx] = True
 
+    def put_pages(self, idx: np.ndarray, data: np.ndarray,
+                  nonzero: Optional[np.ndarray] = None) -> None:
+        """Store decoded pages: all-zero ones become (or stay) holes, so
+        ``written`` keeps meaning "holds a non-zero byte" (writers rely on it
+        instead of reading pages back)."""
+        nz = _nonzero_rows(data) if nonzero is None else nonzero
+        if nz.all():
+            self.write_pages(idx, data)
+            return
+        if idx.size > 1 and not np.all(np.diff(idx) > 0):
+            # a page named twice: only its last version counts
+            _, first_rev = np.unique(idx[::-1], return_index=True)
+            keep = np.sort(idx.size - 1 - first_rev)
+            idx, data, nz = idx[keep], data[keep], nz[keep]
+        self.zero_pages(idx[~nz])
+        if nz.any():
+            self.write_pages(idx[nz], data[nz])
+
     def zero_pages(self, idx: np.ndarray) -> None:
         """Make pages zero; pages that were never written are holes already."""
         P = self.target_page_size
@@ -368,11 +387,7 @@ class MemoryImage:
                 if nz.all():
                     blk.write_pages(idx, data)
                 else:
-                    # all-zero pages sent in full (zero-page-detection=none)
-                    # stay holes: zero them only where data was written before
-                    blk.zero_pages(idx[~nz])
-                    if nz.any():
-                        blk.write_pages(idx[nz], data[nz])
+                    blk.put_pages(idx, data, nz)
         elif isinstance(rec, XbzrlePage):
             blk = self.blocks[rec.block]
             P = blk.target_page_size
@@ -380,9 +395,17 @@ class MemoryImage:
             page = bytearray(blk.read(i * P, P))
             data_at = rec.offset + 8 + (1 + len(rec.block) if rec.named else 0) + 3
             xbzrle.decode(rec.encoded, page, offset=data_at)
-            blk.write(i * P, page)
+            blk.put_pages(np.array([i]), np.frombuffer(page, dtype=np.uint8).reshape(1, P))
             blk.sent[i] = True
             blk.counts["xbzrle"] += 1
+        elif isinstance(rec, XbzrleRun):
+            blk = self.blocks[rec.block]
+            idx = (rec.page_offsets // np.uint64(blk.target_page_size)).astype(np.intp)
+            for lo, hi in _distinct_spans(idx):
+                for at in range(lo, hi, _XBZRLE_PAGES):
+                    _apply_xbzrle(blk, rec, idx, at, min(hi, at + _XBZRLE_PAGES))
+            blk.sent[idx] = True
+            blk.counts["xbzrle"] += rec.count
         elif isinstance(rec, CompressedPage):
             blk = self.blocks[rec.block]
             P = blk.target_page_size
@@ -395,7 +418,7 @@ class MemoryImage:
                 raise StreamError("compressed page inflates to the wrong size",
                                   offset=rec.offset, section="ram", expected=P, found=len(raw))
             i = rec.page_offset // P
-            blk.write(i * P, raw)
+            blk.put_pages(np.array([i]), np.frombuffer(raw, dtype=np.uint8).reshape(1, P))
             blk.sent[i] = True
             blk.counts["compressed"] += 1
         elif isinstance(rec, RamMemSize):
@@ -422,6 +445,12 @@ class MemoryImage:
             xbzrle.decode(rec.encoded, bytearray(blk.target_page_size), offset=data_at)
             blk.sent[rec.page_offset // blk.target_page_size] = True
             blk.counts["xbzrle"] += 1
+        elif isinstance(rec, XbzrleRun):
+            blk = self.blocks[rec.block]
+            xbzrle.decode_many(rec.data, rec.starts, rec.lengths,
+                               page_size=blk.target_page_size, offset=rec.offset)
+            blk.sent[(rec.page_offsets // np.uint64(blk.target_page_size)).astype(np.intp)] = True
+            blk.counts["xbzrle"] += rec.count
         elif isinstance(rec, CompressedPage):
             blk = self.blocks[rec.block]
             try:
@@ -558,6 +587,41 @@ def copy_pages(src: Tuple[int, int], dst: Tuple[int, int], present: np.ndarray,
                     view, at = view[w:], at + w
                 n = len(chunk)
             off, left = off + n, left - n
+
+
+def _distinct_spans(idx: np.ndarray):
+    """Split a run's page indices into consecutive spans without a repeated
+    page, so each span's deltas can be applied at once (a page sent twice
+    needs its first delta applied before the second)."""
+    n = idx.size
+    if np.unique(idx).size == n:
+        return [(0, n)]
+    spans, seen, lo = [], set(), 0
+    for k, i in enumerate(idx.tolist()):
+        if i in seen:
+            spans.append((lo, k))
+            seen.clear()
+            lo = k
+        seen.add(i)
+    spans.append((lo, n))
+    return spans
+
+
+def _apply_xbzrle(blk: RamBlock, rec: XbzrleRun, idx: np.ndarray, lo: int, hi: int) -> None:
+    """Read the span's pages (sorted, one read per consecutive group), apply
+    the deltas in one go, write the pages back."""
+    P = blk.target_page_size
+    sub = idx[lo:hi]
+    order = np.argsort(sub, kind="stable")
+    pages_idx = sub[order]
+    rows = np.empty(sub.size, dtype=np.intp)
+    rows[order] = np.arange(sub.size)
+    pages = np.empty((sub.size, P), dtype=np.uint8)
+    for first, end, k in _runs(pages_idx):
+        blk.read_into(first * P, pages[k:k + end - first])
+    xbzrle.decode_many(rec.data, rec.starts[lo:hi], rec.lengths[lo:hi], pages, rows=rows,
+                       offset=rec.offset)
+    blk.put_pages(pages_idx, pages)
 
 
 def _nonzero_rows(data: np.ndarray) -> np.ndarray:

@@ -258,6 +258,35 @@ class XbzrlePage:
 
 
 @dataclass
+class XbzrleRun:
+    """Consecutive CONTINUE XBZRLE records of one block, as one event.
+
+    Only a ``Decoder(xbzrle_runs=True)`` yields these (it is how a whole
+    stream is loaded fast); otherwise each record is an ``XbzrlePage``.
+    ``data`` is a uint8 view of the input from the first record header on;
+    record ``k``'s encoded delta is ``data[starts[k]:starts[k] + lengths[k]]``.
+    """
+    block: str
+    page_offsets: np.ndarray
+    data: Any
+    starts: np.ndarray
+    lengths: np.ndarray
+    offset: int = 0
+
+    @property
+    def count(self) -> int:
+        return int(self.page_offsets.shape[0])
+
+    def pages(self):
+        """The same records as ``XbzrlePage`` events."""
+        for k in range(self.count):
+            s = int(self.starts[k])
+            yield XbzrlePage(block=self.block, page_offset=int(self.page_offsets[k]),
+                             named=False, encoded=self.data[s:s + int(self.lengths[k])],
+                             offset=self.offset + s - 11)
+
+
+@dataclass
 class CompressedPage:
     """One pre-9.1 COMPRESS_PAGE record: a zlib stream holding one page."""
     block: str
@@ -279,4 +308,4 @@ class RamMultifdFlush:
     offset: int = 0
 
 
-PAGE_RECORDS = (PageRun, XbzrlePage, CompressedPage)
+PAGE_RECORDS = (PageRun, XbzrlePage, XbzrleRun, CompressedPage)

@@ -11,11 +11,11 @@ from .image import MemoryImage, RamBlock
 from .ram import page_run_matches
 from .records import (CommandRecord, CompressedPage, Configuration, MappedRamArea,
                       OpaquePayload, PageRun, RamBlockEntry, RamEos, RamMemSize,
-                      RamMultifdFlush, SectionFooter, SectionHeader, XbzrlePage)
+                      RamMultifdFlush, SectionFooter, SectionHeader, XbzrlePage, XbzrleRun)
 from .wire import RamFlag, SectionType
 
-RAM_RECORDS = (PageRun, XbzrlePage, CompressedPage, RamEos, RamMultifdFlush, RamMemSize,
-               RamBlockEntry, MappedRamArea)
+RAM_RECORDS = (PageRun, XbzrlePage, XbzrleRun, CompressedPage, RamEos, RamMultifdFlush,
+               RamMemSize, RamBlockEntry, MappedRamArea)
 
 
 @dataclass
@@ -155,7 +155,7 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_round
         vm = qio.read_vmdesc_ahead(f, f.tell())
         if vm is not None:
             opts["vmdesc"] = vm
-    dec = Decoder(**opts)
+    dec = Decoder(xbzrle_runs=True, **opts)
     image.context = (st, dec)
     lazy = False
     if qio.is_seekable(f):
@@ -188,6 +188,8 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_round
                         cur.zero_records += rec.count
                     else:
                         cur.page_records += rec.count
+                elif isinstance(rec, XbzrleRun):
+                    cur.xbzrle_records += rec.count
                 elif isinstance(rec, XbzrlePage):
                     cur.xbzrle_records += 1
                 elif isinstance(rec, RamMultifdFlush):

@@ -295,3 +295,23 @@ def test_truncated_page_area_through_every_command(where, mapped, tmp_path, monk
         with pytest.raises(TruncatedStream) as info:
             run()
         assert info.value.offset is not None and info.value.offset <= cut
+
+
+def test_put_pages_keeps_written_meaning_nonzero(tmp_path):
+    """Decoded pages that come out all zero (an XBZRLE delta can do that) stay
+    holes, and a page named twice keeps its last version, so writers can take
+    ``written`` as the mapped-ram bitmap without reading pages back."""
+    from qemuram.image import RamBlock
+    P = 4096
+    b = RamBlock("ram", 8 * P, P, str(tmp_path / "ram.raw"))
+    full = np.full((1, P), 7, dtype=np.uint8)
+    b.put_pages(np.array([1, 2]), np.concatenate([full, full]))
+    assert b.written.tolist() == [0, 1, 1, 0, 0, 0, 0, 0]
+    zero = np.zeros((1, P), dtype=np.uint8)
+    b.put_pages(np.array([2, 3, 2, 3]), np.concatenate([zero, full, full, zero]))
+    assert b.written.tolist() == [0, 1, 1, 0, 0, 0, 0, 0]
+    assert b.read(2 * P, P) == bytes(full) and b.read(3 * P, P) == bytes(P)
+    b.put_pages(np.array([1]), zero)
+    assert b.written.tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
+    assert b.read(P, P) == bytes(P) and b.verified_nonzero
+    b.close()
