@@ -924,7 +924,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds per case (default 3)")
     ap.add_argument("--cases", default=None, help="comma-separated case names (see --list)")
     ap.add_argument("--cache", default=os.path.join(HERE, "cache"), help="stream cache directory")
-    ap.add_argument("--cache-limit", type=float, default=12.0,
+    ap.add_argument("--cache-limit", type=float, default=20.0,
                     help="GB of cached streams to keep (least recently used are evicted)")
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     ap.add_argument("--json", metavar="FILE", help="write all measurements as JSON")
