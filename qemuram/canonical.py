@@ -21,7 +21,7 @@ import numpy as np
 from . import mapped_ram
 from .errors import UsageError
 from .framing import encode_record
-from .image import _nonzero_rows, _runs, copy_pages
+from .image import _nonzero_rows, _runs
 from .ram import page_run_parts
 from .records import (CommandRecord, ConfigSubsection, Configuration, PageRun, RamBlockEntry,
                       RamBlockInfo, RamEos, RamMemSize, RamMultifdFlush, SectionFooter,
@@ -399,8 +399,7 @@ class CanonicalWriter:
         fd = sink.fileno()
         if fd is not None:
             sink.flush()
-            src = blk._source or (blk._fd, blk._base)
-            copy_pages(src, (fd, pages_offset), present, self.P)
+            blk.copy_to(fd, pages_offset, present)
             return
         buf = np.empty(_RUN_PAGES * self.P, dtype=np.uint8)
         for lo, hi, _ in _runs(np.flatnonzero(present)):

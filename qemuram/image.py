@@ -133,11 +133,16 @@ class RamBlock:
         if src is not None:
             copy_pages(src, (fd, 0), self.written, self.target_page_size)
 
-    def copy_to(self, fd: int, offset: int) -> None:
-        """Copy the pages marked in ``written`` to ``fd`` at ``offset`` (in the kernel
-        where it can)."""
+    def copy_to(self, fd: int, offset: int, pages: Optional[np.ndarray] = None) -> None:
+        """Copy the pages marked in ``pages`` (default: ``written``) to ``fd`` at
+        ``offset`` + their block offset, file to file in the kernel where it can."""
+        mask = self.written if pages is None else pages
+        if self._fd is None and self._source is None:
+            if mask.any():
+                raise UsageError(f"block {self.name!r} has no stored pages to copy")
+            return
         src = self._source or (self._fd, self._base)
-        copy_pages(src, (fd, offset), self.written, self.target_page_size)
+        copy_pages(src, (fd, offset), mask, self.target_page_size)
 
     # -- reading
     def read(self, offset: int, length: int) -> bytes:
