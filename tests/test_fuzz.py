@@ -184,3 +184,53 @@ def test_random_ram_records(payload, rest):
     if rest:
         data += MINI[RAM_PART:]
     outcome(data)
+
+
+# ------------------------------------------------------------ mapped-ram files, read in place
+
+def _mapped_points():
+    """Offsets where a mapped-ram file's structure lives: every record start
+    (block entries, mapped-ram headers, bitmaps, the skipped page areas and
+    their ends, device sections, the vmdesc)."""
+    from qemuram import io as qio
+    from qemuram.records import MappedRamArea
+    data = load_stream("q35-mapped-ram")
+    points = set()
+    with io.BytesIO(data) as f:
+        for rec in qio.iter_records(f):
+            points.add(rec.offset)
+            if isinstance(rec, MappedRamArea):
+                points.add(rec.offset + rec.size)
+    return data, sorted(p for p in points if p < len(data))
+
+
+MAPPED_DATA, MAPPED_POINTS = _mapped_points()
+_mpos = st.tuples(st.sampled_from(MAPPED_POINTS), st.integers(-4, 40)).map(
+    lambda t: max(0, t[0] + t[1]))
+
+
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(["flip", "set"]), _mpos, st.integers(0, 255),
+                                st.just(1)), min_size=1, max_size=3),
+       cut=st.one_of(st.none(), _mpos), mapped=st.booleans())
+def test_mutated_mapped_ram_file_in_place(edits, cut, mapped, tmp_path_factory, monkeypatch):
+    """A damaged mapped-ram file opened from disk (pages attached in place,
+    page areas seeked over or mapped): a StreamError with an offset, or a
+    stream whose blocks read back."""
+    from qemuram import io as qio
+    data = mutate(MAPPED_DATA, edits)
+    if cut is not None:
+        data = data[:cut]
+    path = tmp_path_factory.mktemp("fuzz-mapped") / "m.mig"
+    path.write_bytes(data)
+    monkeypatch.setattr(qio, "MAP_MIN", 0 if mapped else 1 << 62)
+    try:
+        with qemuram.stream.open(str(path)) as s:
+            for blk in s.ram.values():
+                n = min(blk.size, 1 << 20)
+                assert len(blk.read(0, n)) == n
+                if blk.size >= 4096:
+                    assert len(blk.read(blk.size - 4096, 4096)) == 4096
+    except StreamError as err:
+        assert err.offset is not None and 0 <= err.offset <= len(data), repr(err)
