@@ -234,3 +234,27 @@ def test_mutated_mapped_ram_file_in_place(edits, cut, mapped, tmp_path_factory, 
                     assert len(blk.read(blk.size - 4096, 4096)) == 4096
     except StreamError as err:
         assert err.offset is not None and 0 <= err.offset <= len(data), repr(err)
+
+
+@settings(max_examples=30, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(_edit, min_size=1, max_size=3))
+def test_mutated_stream_file_through_mmap(edits, tmp_path_factory, monkeypatch):
+    """The same damage in a file the decoder maps instead of reads: the same
+    verdict, error and offset as reading it."""
+    from qemuram import io as qio
+    data = mutate(MINI, edits)
+    path = tmp_path_factory.mktemp("fuzz-mmap") / "s.mig"
+    path.write_bytes(data)
+
+    def verdict(map_min):
+        monkeypatch.setattr(qio, "MAP_MIN", map_min)
+        try:
+            with qemuram.stream.open(str(path), verify=True) as s:
+                assert s.roundtrip and s.size == len(data)
+                return "ok", {n: b.read(0, b.size) for n, b in s.ram.items()}
+        except StreamError as err:
+            assert err.offset is not None
+            return type(err).__name__, err.offset
+
+    assert verdict(0) == verdict(1 << 62)
