@@ -120,6 +120,7 @@ class RamBlock:
         block's pages into it)."""
         if self._fd is not None:
             return
+        self._check_open()
         if self._scratch is None:
             raise UsageError(f"block {self.name!r} is read from its input file and has no "
                              "scratch directory to be changed in")
@@ -151,6 +152,7 @@ class RamBlock:
                              f"{self.name!r} (size 0x{self.size:x})")
         if self._source is not None:
             return self._read_attached(offset, length)
+        self._check_open()
         if self._fd is None:                  # nothing stored yet: all zero
             return bytes(length)
         return _pread_exact(self._fd, length, self._base + offset)
@@ -169,6 +171,7 @@ class RamBlock:
             raise UsageError(f"read of {length} bytes at 0x{offset:x} is outside block "
                              f"{self.name!r} (size 0x{self.size:x})")
         if self._source is None:
+            self._check_open()
             if self._fd is None:              # nothing stored yet: all zero
                 np.frombuffer(view, dtype=np.uint8)[:] = 0
             else:
@@ -301,6 +304,12 @@ class RamBlock:
             os.close(self._fd)
         self._fd = None
         self._source = None
+        self._scratch = None
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise UsageError(f"block {self.name!r} belongs to a closed stream")
 
     def __repr__(self) -> str:
         return f"RamBlock({self.name!r}, size=0x{self.size:x}, page_size={self.page_size})"
@@ -511,7 +520,7 @@ class MemoryImage:
         h, P = blk.mapped_ram, blk.target_page_size
         if self.source is None:
             raise UsageError("a lazy mapped-ram area needs the input file (set_source)")
-        if rec.offset != h.pages_offset or rec.length != blk.npages * P:
+        if rec.offset != h.pages_offset or rec.length != blk.size:
             raise UsageError(f"lazy area of block {blk.name!r} at {rec.offset} does not cover "
                              "its page region")
         if blk.present is None:

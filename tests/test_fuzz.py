@@ -222,8 +222,7 @@ def test_mutated_mapped_ram_file_in_place(edits, cut, mapped, tmp_path_factory, 
     data = mutate(MAPPED_DATA, edits)
     if cut is not None:
         data = data[:cut]
-    path = tmp_path_factory.mktemp("fuzz-mapped") / "m.mig"
-    path.write_bytes(data)
+    path = _scratch_file(tmp_path_factory, data)
     monkeypatch.setattr(qio, "MAP_MIN", 0 if mapped else 1 << 62)
     try:
         with qemuram.stream.open(str(path)) as s:
@@ -236,6 +235,30 @@ def test_mutated_mapped_ram_file_in_place(edits, cut, mapped, tmp_path_factory, 
         assert err.offset is not None and 0 <= err.offset <= len(data), repr(err)
 
 
+def _scratch_file(tmp_path_factory, data: bytes):
+    """One file per test process, rewritten for each example and sparse where
+    the data is zero (a mapped-ram file is mostly holes): examples must not
+    pile up tens of MB each on disk."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = tmp_path_factory.mktemp("fuzz-files") / "stream.mig"
+    step = 1 << 16
+    zero = bytes(step)
+    with open(_SCRATCH, "wb") as f:
+        for i in range(0, len(data), step):
+            chunk = data[i:i + step]
+            if chunk == zero[:len(chunk)]:
+                f.seek(i + len(chunk))
+            else:
+                f.seek(i)
+                f.write(chunk)
+        f.truncate(len(data))
+    return _SCRATCH
+
+
+_SCRATCH = None
+
+
 @settings(max_examples=30, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(_edit, min_size=1, max_size=3))
@@ -244,8 +267,7 @@ def test_mutated_stream_file_through_mmap(edits, tmp_path_factory, monkeypatch):
     verdict, error and offset as reading it."""
     from qemuram import io as qio
     data = mutate(MINI, edits)
-    path = tmp_path_factory.mktemp("fuzz-mmap") / "s.mig"
-    path.write_bytes(data)
+    path = _scratch_file(tmp_path_factory, data)
 
     def verdict(map_min):
         monkeypatch.setattr(qio, "MAP_MIN", map_min)

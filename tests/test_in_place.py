@@ -315,3 +315,17 @@ def test_put_pages_keeps_written_meaning_nonzero(tmp_path):
     assert b.written.tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
     assert b.read(P, P) == bytes(P) and b.verified_nonzero
     b.close()
+
+
+@over_fixtures(MAPPED)
+def test_reading_a_closed_stream_is_an_error(name, tmp_path):
+    """An attached block must not read zeros (or another file that took its
+    descriptor number) once its stream is closed."""
+    from qemuram.errors import UsageError
+    with qemuram.open(_write(tmp_path, name)) as st:
+        blocks = list(st.ram.values())
+    for b in blocks:
+        with pytest.raises(UsageError, match="closed"):
+            b.read(0, min(b.size, 4096))
+        with pytest.raises(UsageError, match="closed"):
+            b.array()
