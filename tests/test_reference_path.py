@@ -250,15 +250,33 @@ def _sha(b) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def compare(data: bytes, ref: Reference) -> None:
-    with qemuram.stream.open(io.BytesIO(data)) as s:
+def compare(data: bytes, ref: Reference, tmp_path=None) -> None:
+    """The fast path from memory and, with ``tmp_path``, from a file the
+    decoder maps (mapped-ram pages then stay in the file, read in place)."""
+    _compare_one(io.BytesIO(data), ref)
+    if tmp_path is not None:
+        from qemuram import io as qio
+        path = tmp_path / "stream.mig"
+        path.write_bytes(data)
+        saved = qio.MAP_MIN
+        qio.MAP_MIN = 0
+        try:
+            _compare_one(str(path), ref)
+        finally:
+            qio.MAP_MIN = saved
+
+
+def _compare_one(src, ref: Reference) -> None:
+    with qemuram.stream.open(src) as s:
         assert list(s.ram) == list(ref.blocks)
         for name, blk in s.ram.items():
             info = ref.blocks[name]
             assert blk.size == info["size"], name
             assert blk.host_page_size == info["host_page_size"], name
             assert blk.addr == info["addr"], name
-            assert _sha(blk.array()) == _sha(ref.mem[name]), f"memory of {name} differs"
+            want = _sha(ref.mem[name])
+            assert _sha(blk.read(0, blk.size)) == want, f"memory of {name} differs (read)"
+            assert _sha(blk.array()) == want, f"memory of {name} differs (array)"
             sent = {int(i) for i in blk.sent.nonzero()[0]}
             if s.format == "sequential":
                 assert sent == ref.sent[name], name
@@ -267,13 +285,13 @@ def compare(data: bytes, ref: Reference) -> None:
 # ------------------------------------------------------------ real fixtures
 
 @over_fixtures(SEQUENTIAL)
-def test_reference_equals_fast_path(name):
+def test_reference_equals_fast_path(name, tmp_path):
     data = load_stream(name)
     ref = Reference(data).run()
     fx = FIXTURES[name]
     assert [(n, b["size"]) for n, b in ref.blocks.items()] == \
         [(rb["name"], rb["used_length"]) for rb in fx["ramblocks"]]
-    compare(data, ref)
+    compare(data, ref, tmp_path)
     # and the reference itself agrees with the ground truth
     for r in fx["planted"] + fx["ram_regions"]:
         if r["pages_in_stream"]:
@@ -282,10 +300,10 @@ def test_reference_equals_fast_path(name):
 
 
 @over_fixtures(MAPPED)
-def test_reference_equals_fast_path_mapped_ram(name):
+def test_reference_equals_fast_path_mapped_ram(name, tmp_path):
     data = load_stream(name)
     ref = Reference(data).run()
-    compare(data, ref)
+    compare(data, ref, tmp_path)
 
 
 def test_reference_sees_postcopy_page_size():
