@@ -25,7 +25,9 @@ from .wire import RamFlag
 
 _GATHER = 4096                   # pages gathered per contiguous write
 _XBZRLE_PAGES = 1024             # pages patched at once (bounds the memory it takes)
-_XBZRLE_BATCH = 4096             # pages patched at once through the cache
+_XBZRLE_BATCH = 2048             # pages patched at once through the cache (4096 makes
+                                 # temporaries big enough that malloc hands them back
+                                 # to the kernel each time: page faults cost more)
 _XBZRLE_CACHE = 64 << 20         # bytes of XBZRLE-updated pages kept in memory per block
 _ZEROS = bytes(1 << 20)
 
