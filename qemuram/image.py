@@ -375,6 +375,20 @@ class RamBlock:
         if stale.size:
             self._zero_file(stale)
         pages, live = pages[nz], live[nz]
+        if pages.size:
+            # Pages cached together sit in consecutive rows: long stretches go
+            # straight from the cache to the file, the rest is gathered first.
+            step = (np.diff(pages) != 1) | (np.diff(live) != 1)
+            cuts = np.concatenate(([0], np.flatnonzero(step) + 1, [pages.size]))
+            long = np.flatnonzero(np.diff(cuts) >= 16)
+            if long.size:
+                keep = np.ones(pages.size, dtype=bool)
+                for a, b in zip(cuts[long].tolist(), cuts[long + 1].tolist()):
+                    r = int(live[a])
+                    self._pwrite(c.rows[r:r + b - a].reshape(-1),
+                                 int(pages[a]) * self.target_page_size)
+                    keep[a:b] = False
+                pages, live = pages[keep], live[keep]
         for j in range(0, pages.size, _GATHER):
             part = live[j:j + _GATHER]
             chunk = _gather_buffer(part.size, self.target_page_size)

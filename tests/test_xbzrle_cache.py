@@ -222,3 +222,20 @@ def test_streams_decode_the_same_whatever_the_cache(monkeypatch, tmp_path, cache
                 assert f.read() == want
             assert (blk.written == np.array([any(m) for m in model.mem])).all()
             assert blk.read(0, NPAGES * P) == want
+
+
+def test_flush_writes_long_stretches_and_scattered_pages(tmp_path):
+    img, blk = _image(tmp_path, npages=64)
+    mem = [bytes(P)] * 64
+    _pages(img, [40], _rand())
+    mem[40] = on_disk = blk.read(40 * P, P)
+    # 30 consecutive pages in consecutive cache rows, one turned zero midway,
+    # then pages cached later and out of order
+    _xbzrle(img, mem, [(i, _changed(mem[i], i)) for i in range(5, 35)] + [(40, _changed(mem[40]))])
+    _xbzrle(img, mem, [(20, bytes(P)), (50, _changed(mem[50])), (2, _changed(mem[2]))])
+    _xbzrle(img, mem, [(i, _changed(mem[i], 3 * i)) for i in range(63, 35, -1)])
+    assert _file(tmp_path) == bytes(40 * P) + on_disk + bytes(23 * P)
+    img.flush()
+    assert _file(tmp_path) == b"".join(mem)
+    _check(blk, mem)
+    img.close()
