@@ -25,6 +25,10 @@ from .wire import RamFlag
 
 _GATHER = 4096                   # pages gathered per contiguous write
 _XBZRLE_PAGES = 1024             # pages patched at once (bounds the memory it takes)
+_XBZRLE_BATCH = 2048             # pages patched at once through the cache (4096 makes
+                                 # temporaries big enough that malloc hands them back
+                                 # to the kernel each time: page faults cost more)
+_XBZRLE_CACHE = 64 << 20         # bytes of XBZRLE-updated pages kept in memory per block
 _ZEROS = bytes(1 << 20)
 
 
@@ -85,6 +89,7 @@ class RamBlock:
         self.mapped_ram = None                          # mapped-ram header, if any
         self.bitmap = bytearray()
         self.present: Optional[np.ndarray] = None
+        self._cache: Optional[_PageCache] = None
 
     @property
     def page_size(self) -> int:
@@ -100,6 +105,7 @@ class RamBlock:
         """Serve the content from ``fd`` at ``offset`` (a mapped-ram page area):
         pages marked in ``written`` are read from there, the rest are zero.
         Nothing is copied until the block is changed or mapped."""
+        self.flush()
         if self.written.any():
             raise UsageError(f"block {self.name!r} already has content")
         if self._own_fd:
@@ -137,6 +143,7 @@ class RamBlock:
     def copy_to(self, fd: int, offset: int, pages: Optional[np.ndarray] = None) -> None:
         """Copy the pages marked in ``pages`` (default: ``written``) to ``fd`` at
         ``offset`` + their block offset, file to file in the kernel where it can."""
+        self.flush()
         mask = self.written if pages is None else pages
         if self._fd is None and self._source is None:
             if mask.any():
@@ -150,6 +157,7 @@ class RamBlock:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(f"read of {length} bytes at 0x{offset:x} is outside block "
                              f"{self.name!r} (size 0x{self.size:x})")
+        self.flush()
         if self._source is not None:
             return self._read_attached(offset, length)
         self._check_open()
@@ -165,6 +173,10 @@ class RamBlock:
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` with content from ``offset`` (a reusable buffer: no
         fresh memory per read)."""
+        self.flush()
+        self._read_into(offset, view)
+
+    def _read_into(self, offset: int, view: memoryview) -> None:
         view = memoryview(view).cast("B")
         length = len(view)
         if offset < 0 or offset + length > self.size:
@@ -198,6 +210,7 @@ class RamBlock:
 
     def array(self) -> np.ndarray:
         """Read-only numpy view of the whole block (memory-mapped, lazily paged)."""
+        self.flush()
         if self._map is None:
             self._detach()           # stale bytes under clear bitmap bits must read as zero
             if self.size == 0:
@@ -220,6 +233,7 @@ class RamBlock:
             raise UsageError(f"write of {len(data)} bytes at 0x{offset:x} is outside block "
                              f"{self.name!r} (size 0x{self.size:x})")
         self._detach()
+        self.flush()
         self._pwrite(data, offset)
         self.verified_nonzero = False
         P = self.target_page_size
@@ -239,8 +253,13 @@ class RamBlock:
         Rows may be strided views of the input buffer; consecutive pages are
         gathered into one contiguous buffer per write.
         """
-        P = self.target_page_size
         self._detach()
+        if self._cache is not None:
+            self._cache.drop(idx)
+        self._store(idx, data)
+
+    def _store(self, idx: np.ndarray, data: np.ndarray) -> None:
+        P = self.target_page_size
         order = None
         if idx.size > 1 and np.any(np.diff(idx) <= 0):
             order = np.argsort(idx, kind="stable")
@@ -283,22 +302,107 @@ class RamBlock:
 
     def zero_pages(self, idx: np.ndarray) -> None:
         """Make pages zero; pages that were never written are holes already."""
-        P = self.target_page_size
-        hit = idx[self.written[idx]]
+        if self._cache is not None and self._cache.used:
+            # a cached page's file copy is what needs clearing, whatever it reads as now
+            cached = self._cache.slot[idx] >= 0
+            if cached.any():
+                self.written[idx[cached]] = False
+                stale = self._cache.drop(idx)
+                hit = np.concatenate((idx[self.written[idx]], stale))
+            else:
+                hit = idx[self.written[idx]]
+        else:
+            hit = idx[self.written[idx]]
         if not hit.size:
             return
         if self._source is not None:         # nothing to overwrite: clear the marks
             self.written[hit] = False
             return
+        self._zero_file(hit)
+        self.written[hit] = False
+
+    def _zero_file(self, hit: np.ndarray) -> None:
+        P = self.target_page_size
         for first, end, _ in _runs(np.unique(hit)):
             off, left = first * P, (end - first) * P
             while left:
                 n = min(left, len(_ZEROS))
                 self._pwrite(memoryview(_ZEROS)[:n], off)
                 off, left = off + n, left - n
-        self.written[hit] = False
+
+    # -- pages updated by XBZRLE, kept in memory between updates
+    def _cached_rows(self, idx: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """(cache array, row of each page) with distinct pages ``idx`` loaded
+        into the cache, or None when the block cannot cache them (then the
+        caller reads and writes the file itself)."""
+        if self._fd is None or self._source is not None or self._map is not None:
+            return None
+        c = self._cache
+        if c is None:
+            cap = min(self.npages, max(1, _XBZRLE_CACHE // self.target_page_size))
+            if idx.size > cap:
+                return None
+            c = self._cache = _PageCache(self.npages, cap, self.target_page_size)
+        if idx.size > c.rows.shape[0]:
+            return None
+        slot = c.slot[idx]
+        miss = idx[slot < 0]
+        if miss.size > c.rows.shape[0] - c.used:
+            self.flush()
+            miss = idx
+        if miss.size:
+            miss = np.sort(miss)
+            at = c.used
+            new = np.arange(at, at + miss.size, dtype=np.intp)
+            c.slot[miss] = new
+            c.page[new] = miss
+            c.on_disk[new] = self.written[miss]
+            c.used += miss.size
+            P = self.target_page_size
+            for first, end, k in _runs(miss):
+                self._read_into(first * P, c.rows[at + k:at + k + end - first])
+        return c.rows, c.slot[idx]
+
+    def flush(self) -> None:
+        """Write cached XBZRLE pages back to the file (before anything reads
+        or writes the file directly)."""
+        c = self._cache
+        if c is None or not c.used:
+            return
+        live = np.flatnonzero(c.page[:c.used] >= 0)
+        pages = c.page[live]
+        order = np.argsort(pages)
+        pages, live = pages[order], live[order]
+        nz = self.written[pages]
+        stale = pages[~nz & c.on_disk[live]]
+        if stale.size:
+            self._zero_file(stale)
+        pages, live = pages[nz], live[nz]
+        if pages.size:
+            # Pages cached together sit in consecutive rows: long stretches go
+            # straight from the cache to the file, the rest is gathered first.
+            step = (np.diff(pages) != 1) | (np.diff(live) != 1)
+            cuts = np.concatenate(([0], np.flatnonzero(step) + 1, [pages.size]))
+            long = np.flatnonzero(np.diff(cuts) >= 16)
+            if long.size:
+                keep = np.ones(pages.size, dtype=bool)
+                for a, b in zip(cuts[long].tolist(), cuts[long + 1].tolist()):
+                    r = int(live[a])
+                    self._pwrite(c.rows[r:r + b - a].reshape(-1),
+                                 int(pages[a]) * self.target_page_size)
+                    keep[a:b] = False
+                pages, live = pages[keep], live[keep]
+        for j in range(0, pages.size, _GATHER):
+            part = live[j:j + _GATHER]
+            chunk = _gather_buffer(part.size, self.target_page_size)
+            np.take(c.rows, part, axis=0, out=chunk)
+            self._store(pages[j:j + _GATHER], chunk)
+        c.clear()
 
     def close(self) -> None:
+        if self._fd is not None:
+            self.flush()
+        self._cache = None
         self._map = None
         if self._fd is not None and self._own_fd:
             os.close(self._fd)
@@ -313,6 +417,39 @@ class RamBlock:
 
     def __repr__(self) -> str:
         return f"RamBlock({self.name!r}, size=0x{self.size:x}, page_size={self.page_size})"
+
+
+class _PageCache:
+    """Pages updated by XBZRLE, by page index: rows of one preallocated array
+    (untouched rows cost no memory).  Rows are handed out in order and only
+    reused after a flush."""
+
+    def __init__(self, npages: int, capacity: int, page_size: int):
+        self.rows = np.empty((capacity, page_size), dtype=np.uint8)
+        self.slot = np.full(npages, -1, dtype=np.intp)       # page -> row, -1: not cached
+        self.page = np.full(capacity, -1, dtype=np.intp)     # row -> page, -1: free
+        self.on_disk = np.zeros(capacity, dtype=bool)        # file holds data for the page
+        self.used = 0
+
+    def drop(self, idx: np.ndarray) -> np.ndarray:
+        """Forget pages about to be overwritten; returns those whose file copy
+        holds data (the new content must clear it)."""
+        if not self.used:
+            return idx[:0]
+        rows = self.slot[idx]
+        rows = rows[rows >= 0]
+        if not rows.size:
+            return idx[:0]
+        pages = self.page[rows]
+        stale = pages[self.on_disk[rows]]
+        self.slot[pages] = -1
+        self.page[rows] = -1
+        return stale
+
+    def clear(self) -> None:
+        self.slot[self.page[:self.used][self.page[:self.used] >= 0]] = -1
+        self.page[:self.used] = -1
+        self.used = 0
 
 
 class MemoryImage:
@@ -406,18 +543,26 @@ class MemoryImage:
             blk = self.blocks[rec.block]
             P = blk.target_page_size
             i = rec.page_offset // P
-            page = bytearray(blk.read(i * P, P))
             data_at = rec.offset + 8 + (1 + len(rec.block) if rec.named else 0) + 3
-            xbzrle.decode(rec.encoded, page, offset=data_at)
-            blk.put_pages(np.array([i]), np.frombuffer(page, dtype=np.uint8).reshape(1, P))
+            got = blk._cached_rows(np.array([i]))
+            if got is None:
+                page = bytearray(blk.read(i * P, P))
+                xbzrle.decode(rec.encoded, page, offset=data_at)
+                blk.put_pages(np.array([i]), np.frombuffer(page, dtype=np.uint8).reshape(1, P))
+            else:
+                rows, r = got
+                page = rows[r[0]].copy()          # a bad delta leaves the cached page alone
+                xbzrle.decode(rec.encoded, page, offset=data_at)
+                rows[r[0]] = page
+                blk.written[i] = bool(page.any())
             blk.sent[i] = True
             blk.counts["xbzrle"] += 1
         elif isinstance(rec, XbzrleRun):
             blk = self.blocks[rec.block]
             idx = (rec.page_offsets // np.uint64(blk.target_page_size)).astype(np.intp)
             for lo, hi in _distinct_spans(idx):
-                for at in range(lo, hi, _XBZRLE_PAGES):
-                    _apply_xbzrle(blk, rec, idx, at, min(hi, at + _XBZRLE_PAGES))
+                for at in range(lo, hi, _XBZRLE_BATCH):
+                    _apply_xbzrle(blk, rec, idx, at, min(hi, at + _XBZRLE_BATCH))
             blk.sent[idx] = True
             blk.counts["xbzrle"] += rec.count
         elif isinstance(rec, CompressedPage):
@@ -532,6 +677,12 @@ class MemoryImage:
             copy_pages((fd, base + rec.offset), (blk._fd, blk._base), blk.present, P)
         blk.written[:] = blk.present
 
+    def flush(self) -> None:
+        """Write pages held in memory to the block files (decoding is over:
+        readers may go to the files directly)."""
+        for b in self.blocks.values():
+            b.flush()
+
     def close(self) -> None:
         for b in self.blocks.values():
             b.close()
@@ -608,7 +759,7 @@ def _distinct_spans(idx: np.ndarray):
     page, so each span's deltas can be applied at once (a page sent twice
     needs its first delta applied before the second)."""
     n = idx.size
-    if np.unique(idx).size == n:
+    if n < 2 or np.all(np.diff(np.sort(idx)) != 0):   # cheaper than np.unique here
         return [(0, n)]
     spans, seen, lo = [], set(), 0
     for k, i in enumerate(idx.tolist()):
@@ -622,8 +773,22 @@ def _distinct_spans(idx: np.ndarray):
 
 
 def _apply_xbzrle(blk: RamBlock, rec: XbzrleRun, idx: np.ndarray, lo: int, hi: int) -> None:
-    """Read the span's pages (sorted, one read per consecutive group), apply
-    the deltas in one go, write the pages back."""
+    """Apply the span's deltas in one go to the block's page cache (pages
+    updated again later then skip the file both ways), or, when the block
+    cannot cache them, to pages read from the file and written back."""
+    sub = idx[lo:hi]
+    got = blk._cached_rows(sub)
+    if got is not None:
+        cache, rows = got
+        xbzrle.decode_many(rec.data, rec.starts[lo:hi], rec.lengths[lo:hi], cache, rows=rows,
+                           offset=rec.offset)
+        blk.written[sub] = _nonzero_at(cache, rows)
+        return
+    for at in range(lo, hi, _XBZRLE_PAGES):
+        _apply_uncached(blk, rec, idx, at, min(hi, at + _XBZRLE_PAGES))
+
+
+def _apply_uncached(blk: RamBlock, rec: XbzrleRun, idx: np.ndarray, lo: int, hi: int) -> None:
     P = blk.target_page_size
     sub = idx[lo:hi]
     order = np.argsort(sub, kind="stable")
@@ -636,6 +801,16 @@ def _apply_xbzrle(blk: RamBlock, rec: XbzrleRun, idx: np.ndarray, lo: int, hi: i
     xbzrle.decode_many(rec.data, rec.starts[lo:hi], rec.lengths[lo:hi], pages, rows=rows,
                        offset=rec.offset)
     blk.put_pages(pages_idx, pages)
+
+
+def _nonzero_at(data: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``_nonzero_rows(data[rows])`` without copying the rows out."""
+    head = data[rows, :8].any(axis=1) | data[rows, -8:].any(axis=1)
+    if head.all():
+        return head
+    rest = np.flatnonzero(~head)
+    head[rest] = data[rows[rest]].any(axis=1)
+    return head
 
 
 def _nonzero_rows(data: np.ndarray) -> np.ndarray:

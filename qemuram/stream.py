@@ -222,6 +222,7 @@ def decode_into(f, st: Stream, image: MemoryImage, *, progress=None, check_round
         elif isinstance(rec, Configuration):
             st.configuration = rec
         st.template.append(rec)
+    image.flush()
     st.machine = dec.machine
     st.page_size = dec.page_size
     st.page_size_source = dec.page_size_source
