@@ -28,7 +28,8 @@ _XBZRLE_PAGES = 1024             # pages patched at once (bounds the memory it t
 _XBZRLE_BATCH = 2048             # pages patched at once through the cache (4096 makes
                                  # temporaries big enough that malloc hands them back
                                  # to the kernel each time: page faults cost more)
-_XBZRLE_CACHE = 64 << 20         # bytes of XBZRLE-updated pages kept in memory per block
+_XBZRLE_CACHE = 64 << 20         # bytes of XBZRLE-updated pages kept in memory, all blocks
+_cache_budget = [_XBZRLE_CACHE]  # what is left of it in this process
 _ZEROS = bytes(1 << 20)
 
 
@@ -339,9 +340,11 @@ class RamBlock:
             return None
         c = self._cache
         if c is None:
-            cap = min(self.npages, max(1, _XBZRLE_CACHE // self.target_page_size))
-            if idx.size > cap:
+            # one budget for the whole process, whatever the number of blocks
+            cap = min(self.npages, _cache_budget[0] // self.target_page_size)
+            if cap < 1 or idx.size > cap:
                 return None
+            _cache_budget[0] -= cap * self.target_page_size
             c = self._cache = _PageCache(self.npages, cap, self.target_page_size)
         if idx.size > c.rows.shape[0]:
             return None
@@ -402,6 +405,8 @@ class RamBlock:
     def close(self) -> None:
         if self._fd is not None:
             self.flush()
+        if self._cache is not None:
+            _cache_budget[0] += self._cache.rows.nbytes
         self._cache = None
         self._map = None
         if self._fd is not None and self._own_fd:
@@ -426,7 +431,7 @@ class _PageCache:
 
     def __init__(self, npages: int, capacity: int, page_size: int):
         self.rows = np.empty((capacity, page_size), dtype=np.uint8)
-        self.slot = np.full(npages, -1, dtype=np.intp)       # page -> row, -1: not cached
+        self.slot = np.full(npages, -1, dtype=np.int32)      # page -> row, -1: not cached
         self.page = np.full(capacity, -1, dtype=np.intp)     # row -> page, -1: free
         self.on_disk = np.zeros(capacity, dtype=bool)        # file holds data for the page
         self.used = 0

@@ -209,7 +209,7 @@ def test_bad_delta_leaves_cached_pages_alone(tmp_path):
                                                (NPAGES, 4096)])
 def test_streams_decode_the_same_whatever_the_cache(monkeypatch, tmp_path, cache_pages, batch):
     """Tiny caches evict (write back) all the time; 0 pages turns it off."""
-    monkeypatch.setattr(qimage, "_XBZRLE_CACHE", cache_pages * P)
+    monkeypatch.setattr(qimage, "_cache_budget", [cache_pages * P])
     monkeypatch.setattr(qimage, "_XBZRLE_BATCH", batch)
     for k, (data, model) in enumerate((_stream()[:2], _equal_length_stream()[:2])):
         out = tmp_path / str(k)
@@ -239,3 +239,20 @@ def test_flush_writes_long_stretches_and_scattered_pages(tmp_path):
     assert _file(tmp_path) == b"".join(mem)
     _check(blk, mem)
     img.close()
+
+
+def test_one_cache_budget_for_all_blocks(tmp_path, monkeypatch):
+    """Blocks share the process's budget: a second block gets what the first
+    left, none once it is spent, and the budget comes back on close."""
+    monkeypatch.setattr(qimage, "_cache_budget", [10 * P])
+    img = MemoryImage(str(tmp_path))
+    first = img.add_block(RamBlockInfo(name="a", used_length=8 * P), P)
+    second = img.add_block(RamBlockInfo(name="b", used_length=8 * P), P)
+    third = img.add_block(RamBlockInfo(name="c", used_length=8 * P), P)
+    assert first._cached_rows(np.arange(4)) is not None
+    assert qimage._cache_budget[0] == 2 * P               # a took all its 8 pages
+    assert second._cached_rows(np.arange(2)) is not None   # b gets the 2 left
+    assert qimage._cache_budget[0] == 0
+    assert third._cached_rows(np.arange(1)) is None        # c goes to the file directly
+    img.close()
+    assert qimage._cache_budget[0] == 10 * P
