@@ -545,6 +545,20 @@ def _walk(bp: np.ndarray, s: np.ndarray, e: np.ndarray, size: int):
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
 
 
+def _uleb_in(src: bytes, i: int, n: int):
+    """(length, next index) of the one- or two-byte ULEB128 at ``src[i]``, with
+    at least one byte left after it (a pair's second half, or data); (None, i)
+    when there is no such length."""
+    if n - i < 2:
+        return None, i
+    v = src[i]
+    if v < 0x80:
+        return v, i + 1
+    if src[i + 1] < 0x80:
+        return (v & 0x7F) | (src[i + 1] << 7), i + 2
+    return None, i
+
+
 def _walk_tail(bp: np.ndarray, rec, pos, end, d, first: bool, size: int):
     """The remaining pairs of deltas ``rec`` (at ``pos``, page position
     ``d``), one Python step per pair, with ``decode``'s checks; None if one
@@ -555,27 +569,11 @@ def _walk_tail(bp: np.ndarray, rec, pos, end, d, first: bool, size: int):
         i = 0
         lead = first               # at the delta's first pair (a zero run of 0 is allowed)
         while i < n:
-            if n - i < 2:
+            z, i = _uleb_in(src, i, n)
+            if z is None or (not z and not lead):
                 return None
-            z = src[i]
-            if z < 0x80:
-                i += 1
-            elif src[i + 1] < 0x80:
-                z = (z & 0x7F) | (src[i + 1] << 7)
-                i += 2
-            else:
-                return None
-            if not z and not lead:
-                return None
-            if n - i < 2:
-                return None
-            c = src[i]
-            if c < 0x80:
-                i += 1
-            elif src[i + 1] < 0x80:
-                c = (c & 0x7F) | (src[i + 1] << 7)
-                i += 2
-            else:
+            c, i = _uleb_in(src, i, n)
+            if c is None:
                 return None
             at += z
             if not c or at + c > size or i + c > n:
