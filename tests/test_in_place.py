@@ -329,3 +329,16 @@ def test_reading_a_closed_stream_is_an_error(name, tmp_path):
             b.read(0, min(b.size, 4096))
         with pytest.raises(UsageError, match="closed"):
             b.array()
+
+
+@over_fixtures(MAPPED)
+def test_cli_mapped_ram_to_mapped_ram_copies_in_the_kernel(name, tmp_path):
+    """A mapped-ram file re-encoded as mapped-ram from disk: pages stay in the
+    input (attached) and are copied file to file into the output, which is
+    QEMU's own file byte for byte."""
+    path = _write(tmp_path, name)
+    out = tmp_path / "out.mr"
+    r = subprocess.run([sys.executable, "-m", "qemuram", "convert", path, str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == load_stream(name)
