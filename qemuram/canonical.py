@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from . import mapped_ram
 from .errors import UsageError
 from .framing import encode_record
-from .image import _nonzero_rows, _runs
+from .image import RamBlock, _nonzero_rows, _runs
 from .ram import page_run_parts
 from .records import (CommandRecord, ConfigSubsection, Configuration, PageRun, RamBlockEntry,
                       RamBlockInfo, RamEos, RamMemSize, RamMultifdFlush, SectionFooter,
@@ -439,8 +440,6 @@ class DirectMappedRam:
         self.areas: Optional[Dict[str, Tuple[int, int]]] = None
 
     def placement(self, infos, st: Stream, dec) -> Dict[str, Tuple[int, int]]:
-        from collections import OrderedDict
-        from .image import RamBlock
         P = dec.page_size
         if self.areas is not None or "mapped-ram" in dec.capabilities or P is None:
             return {}

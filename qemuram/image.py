@@ -71,6 +71,7 @@ class RamBlock:
         self._own_fd = False
         self._source: Optional[Tuple[int, int]] = None   # (fd, offset): read-only, lazy
         self._scratch = scratch
+        self._closed = False
         if window is not None:
             self._fd, self._base = window
         elif path is not None:
@@ -168,7 +169,7 @@ class RamBlock:
 
     def _read_attached(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
-        self.read_into(offset, memoryview(out))
+        self._read_into(offset, memoryview(out))
         return out
 
     def read_into(self, offset: int, view: memoryview) -> None:
@@ -283,12 +284,11 @@ class RamBlock:
                 self._pwrite(chunk.reshape(-1), (first + j) * P)
         self.written[idx] = True
 
-    def put_pages(self, idx: np.ndarray, data: np.ndarray,
-                  nonzero: Optional[np.ndarray] = None) -> None:
+    def put_pages(self, idx: np.ndarray, data: np.ndarray) -> None:
         """Store decoded pages: all-zero ones become (or stay) holes, so
         ``written`` keeps meaning "holds a non-zero byte" (writers rely on it
         instead of reading pages back)."""
-        nz = _nonzero_rows(data) if nonzero is None else nonzero
+        nz = _nonzero_rows(data)
         if nz.all():
             self.write_pages(idx, data)
             return
@@ -417,7 +417,7 @@ class RamBlock:
         self._closed = True
 
     def _check_open(self) -> None:
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise UsageError(f"block {self.name!r} belongs to a closed stream")
 
     def __repr__(self) -> str:
@@ -538,12 +538,7 @@ class MemoryImage:
                 blk.zero_pages(idx)
             else:
                 blk.counts["page"] += rec.count
-                data = rec.data
-                nz = _nonzero_rows(data)
-                if nz.all():
-                    blk.write_pages(idx, data)
-                else:
-                    blk.put_pages(idx, data, nz)
+                blk.put_pages(idx, rec.data)
         elif isinstance(rec, XbzrlePage):
             blk = self.blocks[rec.block]
             P = blk.target_page_size
@@ -642,11 +637,10 @@ class MemoryImage:
         blk = self.blocks[rec.block]
         P = blk.target_page_size
         h = blk.mapped_ram
+        blk.verified_nonzero = False       # a set bitmap bit may cover a zero page
         if rec.data is None:
             self._lazy_area(blk, rec)
-            blk.verified_nonzero = False
             return
-        blk.verified_nonzero = False
         data = np.asarray(rec.data, dtype=np.uint8)
         start, end = rec.offset, rec.offset + data.shape[0]
         bsize = mapped_ram.bitmap_size(blk.size, P)
@@ -787,7 +781,7 @@ def _apply_xbzrle(blk: RamBlock, rec: XbzrleRun, idx: np.ndarray, lo: int, hi: i
         cache, rows = got
         xbzrle.decode_many(rec.data, rec.starts[lo:hi], rec.lengths[lo:hi], cache, rows=rows,
                            offset=rec.offset)
-        blk.written[sub] = _nonzero_at(cache, rows)
+        blk.written[sub] = _nonzero_rows(cache, rows)
         return
     for at in range(lo, hi, _XBZRLE_PAGES):
         _apply_uncached(blk, rec, idx, at, min(hi, at + _XBZRLE_PAGES))
@@ -808,24 +802,18 @@ def _apply_uncached(blk: RamBlock, rec: XbzrleRun, idx: np.ndarray, lo: int, hi:
     blk.put_pages(pages_idx, pages)
 
 
-def _nonzero_at(data: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``_nonzero_rows(data[rows])`` without copying the rows out."""
-    head = data[rows, :8].any(axis=1) | data[rows, -8:].any(axis=1)
+def _nonzero_rows(data: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """Which page rows (all of ``data``, or ``data[rows]`` without copying them
+    out) hold a non-zero byte; cheap for the usual non-zero page (its first or
+    last 8 bytes decide), a full scan only for the rest."""
+    if rows is None:
+        head = data[:, :8].any(axis=1) | data[:, -8:].any(axis=1)
+    else:
+        head = data[rows, :8].any(axis=1) | data[rows, -8:].any(axis=1)
     if head.all():
         return head
     rest = np.flatnonzero(~head)
-    head[rest] = data[rows[rest]].any(axis=1)
-    return head
-
-
-def _nonzero_rows(data: np.ndarray) -> np.ndarray:
-    """Which page rows hold a non-zero byte; cheap for the usual non-zero page
-    (its first or last 8 bytes decide), a full scan only for the rest."""
-    head = data[:, :8].any(axis=1) | data[:, -8:].any(axis=1)
-    if head.all():
-        return head
-    rest = np.flatnonzero(~head)
-    head[rest] = data[rest].any(axis=1)
+    head[rest] = (data[rest] if rows is None else data[rows[rest]]).any(axis=1)
     return head
 
 

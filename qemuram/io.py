@@ -61,7 +61,6 @@ def source_extent(f) -> Optional[Tuple[int, int]]:
     stream is a plain byte range of a real file (a plain stream, or a libvirt
     save image's stream window), else None.  Lazy readers pread from it."""
     from .containers import _Window
-    base = 0
     if isinstance(f, _Window):
         base, inner = f.base_offset + f.tell(), f._f
         if not isinstance(inner, (io.BufferedReader, io.FileIO)):
@@ -99,7 +98,7 @@ def iter_records(f: BinaryIO, *, decoder: Optional[Decoder] = None, chunk: int =
     if mapped is not None:
         yield from _iter_mapped(decoder, mapped)
         return
-    if decoder.lazy_pages:
+    if decoder.lazy_pages and readinto is not None:
         here = f.tell()
         end = f.seek(0, io.SEEK_END)
         f.seek(here)
@@ -171,8 +170,6 @@ def _iter_mapped(decoder: Decoder, mm) -> Iterator:
             upto = done - done % mmap.PAGESIZE
             release(mmap.MADV_DONTNEED, released, upto - released)
             released = upto
-    # f's position follows the decoder, as after reading
-    return
 
 
 def open_input(src, *, snapshot=None):

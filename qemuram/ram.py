@@ -31,6 +31,7 @@ _FLAGS = np.uint64(RAM_FLAGS_MASK)
 _ADDR = np.uint64(~RAM_FLAGS_MASK & 0xFFFFFFFFFFFFFFFF)
 _ADDR_INT = ~RAM_FLAGS_MASK & 0xFFFFFFFFFFFFFFFF
 MAX_COMPRESSED = 1 << 20
+MAX_RUN_BYTES = 16 << 20          # input bytes one PageRun may span
 XBZRLE_RUN_MAX = 4096             # records per XbzrleRun (bounds the pages held at once)
 _XBZRLE_HEAD = struct.Struct(">QBH")  # header, encoding flag, length
 _XBZRLE_CONT = int(RamFlag.XBZRLE | RamFlag.CONTINUE)
@@ -514,9 +515,6 @@ class RamDecoder:
         d._pos = p + done * stride
         return PageRun(kind=RamFlag(kind), block=self.current.name, page_offsets=offsets,
                        named=False, data=data, offset=d.abs(p))
-
-
-MAX_RUN_BYTES = 16 << 20     # input bytes one PageRun may span
 
 
 # ------------------------------------------------------------------- encoding
